@@ -1,0 +1,101 @@
+"""The embedded default: a tiny Qwen2-architecture model on the shipped synthetic mixture, on CPU.
+
+    python -m merit_jax.main --config configs/default.py [--workdir DIR] [--config.KEY=VALUE ...]
+
+Every other config in configs/ starts from this one and overrides what differs; the meaning of each key is
+documented next to it here and in docs/CONFIG.md.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "workdir/default"  # overridden by --workdir
+  c.seed = 0
+
+  # --- model -------------------------------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.hf_path = ""  # a local Hugging Face directory; "" builds `m.tiny` from random weights (needs `basin`)
+  # Architecture of the random tiny model (Qwen2Config fields); vocab_size comes from the tokenizer.
+  m.tiny = ml_collections.ConfigDict(dict(
+      hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+      tie_word_embeddings=True))
+  m.param_dtype = "float32"  # master weights
+  m.compute_dtype = "float32"  # "bfloat16" on accelerators
+  m.remat = "none"  # none | full | dots (jax.checkpoint policy inside each decoder block)
+  m.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+
+  # --- mesh --------------------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tp=1))  # -1: all remaining devices
+
+  # --- data --------------------------------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.path = ""  # file or directory of task records; "" generates the shipped synthetic mixture
+  d.tasks = []  # optional list of {"name": ..., "path": ...}; overrides `path`
+  d.tokenizer = ""  # tokenizer directory; "" uses the model's (or the synthetic mixture's) tokenizer
+  d.image_root = ""  # Vision-FLAN images resolve against this
+  d.max_len = 128  # tokens per example; longer examples follow `truncation`
+  d.truncation = "left"  # left (drop the oldest prompt tokens) | right | skip
+  d.heldout_fraction = 0.1
+  d.heldout_max = 64  # per task
+  d.seed = 0
+  d.synthetic = ml_collections.ConfigDict(dict(seed=0, examples_per_task=240))
+
+  # --- basin: short joint pre-alignment giving a merge-ready θ⁰ --------------------------------------
+  c.basin = b = ml_collections.ConfigDict()
+  b.enabled = True
+  b.steps = 300
+  b.learning_rate = 3e-3
+
+  # --- extract: dataset-level gradients at θ⁰ -------------------------------------------------------
+  c.extract = e = ml_collections.ConfigDict()
+  e.n_calib = 200  # calibration examples per task (paper: 200)
+  e.micro_chunk = 16  # examples per vmap(grad) chunk: bounds peak memory
+  e.reduction = "sketch"  # full | stride | sketch
+  e.dim = 4096  # d for sketch
+  e.stride = 7  # s for stride
+  e.per_example = "mean"  # mean | unit (normalise each example's gradient first) | tokens (token-weighted)
+  e.include = [".*"]  # regexes over parameter paths
+  e.exclude = ["embed_tokens", "lm_head"]
+  e.keep_example_sketches = True  # needed for the calibration-stability curve
+
+  # --- split ---------------------------------------------------------------------------------------
+  c.split = s = ml_collections.ConfigDict()
+  s.method = "merit"  # merit | random | conflict | none
+  s.depth = 2  # K = 2**depth groups
+  s.seed = 0
+
+  # --- train (branches, and joint training when split.method=none) ------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.optimizer = "adamw"  # adamw | sgd
+  t.learning_rate = 1e-3
+  t.schedule = "cosine"  # cosine | linear | constant
+  t.warmup_steps = 10
+  t.weight_decay = 0.0
+  t.grad_clip = 1.0
+  t.epochs = 1.0
+  t.batch_size = 16  # sequences per step, global
+  t.seq_len = 128  # packed row length
+  t.grad_accum = 1
+  t.checkpoint_every = 50
+  t.keep_checkpoints = 2
+  t.eval_every = 0  # 0: only at the end
+  t.log_every = 10
+
+  # --- merge ---------------------------------------------------------------------------------------
+  c.merge = g = ml_collections.ConfigDict()
+  g.method = "tokens"  # tokens | uniform | weights | task_arithmetic | ties | dare
+  g.weights = []
+  g.dtype = ""  # "" keeps the inputs' dtype
+
+  # --- export / evaluate / report ------------------------------------------------------------------
+  c.export = ml_collections.ConfigDict(dict(dtype="float32"))
+  c.evaluate = v = ml_collections.ConfigDict()
+  v.baselines = ["joint"]  # joint | joint2 | random | conflict | uniform
+  v.max_new_tokens = 16
+  v.noise_sigmas = [0.01, 0.05, 0.1]
+  v.noise_draws = 2
+  v.lmc_points = 5
+  return c

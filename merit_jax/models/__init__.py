@@ -1,0 +1,1 @@
+"""Model definitions (Flax NNX) mirroring transformers' Qwen2 / Qwen2.5(-VL)."""
