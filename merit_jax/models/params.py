@@ -27,6 +27,11 @@ def flatten(node) -> dict[str, jax.Array]:
     return {k: v[...] for k, v in _flat_vars(node).items()}
 
 
+def specs(node) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{name: (shape, dtype)}; works on abstract modules/states (from `nnx.eval_shape`) too."""
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flat_vars(node).items()}
+
+
 def logical_axes(node) -> dict[str, tuple]:
     return {k: v.get_metadata().get("logical_axes", (None,) * len(v.shape)) for k, v in _flat_vars(node).items()}
 
