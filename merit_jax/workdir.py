@@ -1,0 +1,87 @@
+"""Where each stage reads and writes inside WORKDIR (layout fixed in DESIGN.md), in one place."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+Path = pathlib.Path
+
+
+def basin_dir(workdir: Path) -> Path:
+    return Path(workdir) / "basin"
+
+
+def theta0(cfg, workdir: Path) -> Path:
+    """θ⁰: the basin stage's output when enabled, else the configured pretrained checkpoint."""
+    if cfg.basin.enabled:
+        return basin_dir(workdir)
+    if not cfg.model.hf_path:
+        raise ValueError("config: model.hf_path is empty and basin.enabled is False: there is no θ⁰ "
+                         "(set --config.model.hf_path=DIR or --config.basin.enabled=True)")
+    return Path(cfg.model.hf_path)
+
+
+def extract_dir(workdir: Path) -> Path:
+    return Path(workdir) / "extract"
+
+
+def split_dir(workdir: Path) -> Path:
+    return Path(workdir) / "split"
+
+
+def partition_file(workdir: Path) -> Path:
+    return split_dir(workdir) / "partition.json"
+
+
+def branch_dir(workdir: Path, k: int) -> Path:
+    return Path(workdir) / "branches" / str(k)
+
+
+def branch_final(workdir: Path, k: int) -> Path:
+    """The finished branch's weights as a merit_jax checkpoint (what merge reads)."""
+    return branch_dir(workdir, k) / "final"
+
+
+def merged_dir(workdir: Path) -> Path:
+    return Path(workdir) / "merged"
+
+
+def hf_dir(workdir: Path) -> Path:
+    return Path(workdir) / "hf"
+
+
+def report_dir(workdir: Path) -> Path:
+    return Path(workdir) / "report"
+
+
+def read_json(path: Path, what: str | None = None) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist{f' (run the {what} stage first)' if what else ''}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
+def read_partition(workdir: Path) -> dict:
+    part = read_json(partition_file(workdir), "split")
+    for key in ("groups", "tokens", "weights"):
+        if key not in part:
+            raise ValueError(f"{partition_file(workdir)}: missing key {key!r}")
+    return part
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic: a temp file in the same directory, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
