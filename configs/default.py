@@ -65,7 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.split = s = ml_collections.ConfigDict()
   s.method = "merit"  # merit | random | conflict | none
   s.depth = 2  # K = 2**depth groups
-  s.seed = 0
+  s.seed = 0  # random split; restarts of the conflict baseline
+  s.axes = "global"  # global: level l cuts along global principal axis l | local: PCA again inside each group
+  s.center = True  # centre the cosine rows before PCA (removes the component every task shares)
+  s.restarts = 16  # seeded restarts of the `conflict` baseline's k-means
 
   # --- train (branches, and joint training when split.method=none) ------------------------------------
   c.train = t = ml_collections.ConfigDict()
