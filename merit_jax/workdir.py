@@ -85,3 +85,8 @@ def write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def stage_timings(workdir: Path) -> dict:
+    f = Path(workdir) / "timings.json"
+    return json.loads(f.read_text()) if f.is_file() else {}

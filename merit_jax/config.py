@@ -1,0 +1,110 @@
+"""Config validation (run before any compute) and the resolved config saved in the work directory."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import jax
+
+from merit_jax import workdir as wd
+
+CHOICES = {
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots"),
+    "model.attention": ("xla", "cudnn"),
+    "data.truncation": ("left", "right", "skip"),
+    "extract.reduction": ("full", "stride", "sketch"),
+    "extract.per_example": ("mean", "unit", "tokens"),
+    "split.method": ("merit", "random", "conflict", "none"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "merge.method": ("tokens", "uniform", "weights", "task_arithmetic", "ties", "dare"),
+    "export.dtype": ("float32", "bfloat16", "float16"),
+}
+POSITIVE = ("data.max_len", "extract.n_calib", "extract.micro_chunk", "extract.dim", "extract.stride",
+            "train.batch_size", "train.seq_len", "train.grad_accum", "train.learning_rate", "train.epochs",
+            "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+BASELINES = ("joint", "joint2", "random", "conflict", "uniform")
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if part not in node:
+            raise ValueError(f"config: missing key {dotted!r}")
+        node = node[part]
+    return node
+
+
+def num_groups(cfg) -> int:
+    return 1 if cfg.split.method == "none" else 2 ** int(cfg.split.depth)
+
+
+def validate(cfg, stage: str = "all", branch: int | None = None) -> None:
+    """Raises ValueError naming the key for anything that would fail later (before any compute)."""
+    errors = []
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            errors.append(f"{key}={value!r}: expected one of {', '.join(choices)}")
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if not isinstance(value, (int, float)) or value <= 0:
+            errors.append(f"{key}={value!r}: must be a positive number")
+    if cfg.data.max_len > cfg.train.seq_len:
+        errors.append(f"data.max_len={cfg.data.max_len} exceeds train.seq_len={cfg.train.seq_len}: "
+                      "an example must fit in one packed row")
+    if not 0 <= cfg.data.heldout_fraction < 1:
+        errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
+    if cfg.split.method != "none" and not 1 <= cfg.split.depth <= 10:
+        errors.append(f"split.depth={cfg.split.depth}: must be 1..10 for split.method={cfg.split.method!r}")
+    for key in ("extract.include", "extract.exclude"):
+        for pattern in _get(cfg, key):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                errors.append(f"{key}: invalid regex {pattern!r}: {e}")
+    if cfg.merge.method == "weights" and not list(cfg.merge.weights):
+        errors.append("merge.method='weights' needs merge.weights")
+    bad = [b for b in cfg.evaluate.baselines if b not in BASELINES]
+    if bad:
+        errors.append(f"evaluate.baselines: unknown {bad}; expected a subset of {', '.join(BASELINES)}")
+    if cfg.model.hf_path and not (pathlib.Path(cfg.model.hf_path) / "config.json").is_file():
+        errors.append(f"model.hf_path={cfg.model.hf_path!r}: no config.json there")
+    if not cfg.model.hf_path and not cfg.basin.enabled:
+        errors.append("model.hf_path is empty and basin.enabled is False: there is no θ⁰")
+    if cfg.data.path and not pathlib.Path(cfg.data.path).exists():
+        errors.append(f"data.path={cfg.data.path!r} does not exist")
+    errors += _mesh_errors(cfg)
+    if branch is not None:
+        if stage != "train":
+            errors.append(f"--branch is only meaningful with --stage train (got --stage {stage})")
+        elif not 0 <= branch < num_groups(cfg):
+            errors.append(f"--branch {branch} is out of range: the split has {num_groups(cfg)} group(s)")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def _mesh_errors(cfg) -> list[str]:
+    from merit_jax.sharding import make_mesh
+
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tp)
+    except ValueError as e:
+        return [str(e)]
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+    if batch % accum:
+        return [f"train.batch_size={batch} is not divisible by train.grad_accum={accum}"]
+    if (batch // accum) % dp:
+        return [f"train.batch_size/grad_accum={batch // accum} is not divisible by the data-parallel size "
+                f"data*fsdp={dp} (mesh {dict(mesh.shape)} over {jax.device_count()} devices)"]
+    return []
+
+
+def save_resolved(cfg, workdir: pathlib.Path) -> None:
+    if jax.process_index() == 0:
+        wd.write_json(pathlib.Path(workdir) / "config.json", json.loads(cfg.to_json_best_effort()))

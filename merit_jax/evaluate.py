@@ -1,0 +1,250 @@
+"""The `evaluate` stage: held-out loss and exact-match accuracy per task for θ⁰, every branch, the merged
+model and the baselines the config asks for, plus the merge-readiness diagnostics.
+
+Baselines are whole MERIT sub-runs with another config, in WORKDIR/baselines/NAME/ (each resumable and
+skipped once done), all from the same θ⁰ and at the same training tokens as the main run:
+  joint    split.method=none (one branch on every task), train.epochs as the main run
+  joint2   the same with twice the epochs
+  random   split.method=random (token-balanced, seeded), same depth
+  conflict split.method=conflict (cosine k-means, see docs/SPLIT.md), same depth
+  uniform  the main run's branches merged with equal weights (no training)
+Results: WORKDIR/evaluate/results.json (the report stage turns it into tables and pictures).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from merit_jax import checkpoint, diagnostics, losses
+from merit_jax import workdir as wd
+from merit_jax.config import num_groups
+from merit_jax.data import packing
+from merit_jax.data.mixture import load_mixture, load_tokenizer
+from merit_jax.models import params as P
+from merit_jax.models.generate import generate, left_pad
+from merit_jax.models.io import load_model
+
+log = logging.getLogger(__name__)
+RESULTS = "evaluate/results.json"
+
+
+# ------------------------------------------------------------------------------------------- baselines
+
+
+def baseline_config(cfg, workdir: pathlib.Path, name: str):
+    """The config of baseline `name`: same θ⁰, data and hyperparameters, another split or schedule."""
+    sub = cfg.copy_and_resolve_references()
+    with sub.unlocked():
+        sub.model.hf_path = str(wd.theta0(cfg, workdir).absolute())
+        sub.basin.enabled = False
+        if not cfg.data.path and not list(cfg.data.tasks):  # share the main run's generated mixture
+            from merit_jax.data.sources import synthetic_dir
+            sub.data.path = str(synthetic_dir(cfg, workdir).absolute())
+        sub.split.method = {"joint": "none", "joint2": "none"}.get(name, name)
+        if name == "joint2":
+            sub.train.epochs = 2 * cfg.train.epochs
+        sub.evaluate.baselines = []
+    return sub
+
+
+def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
+    """Trains (or reuses) baseline `name`; returns its merged checkpoint."""
+    from merit_jax import merge, split, train
+
+    sub_dir = workdir / "baselines" / name
+    out = wd.merged_dir(sub_dir)
+    if checkpoint.is_checkpoint(out):
+        return out
+    if name == "uniform":
+        branches = [wd.branch_final(workdir, k) for k in range(num_groups(cfg))]
+        return merge.merge_checkpoints(branches, out, method="uniform", overwrite=True)
+    sub = baseline_config(cfg, workdir, name)
+    if not (sub_dir / "extract" / "tasks.json").exists():  # the split reads the main run's gradients
+        shutil.copytree(wd.extract_dir(workdir), sub_dir / "extract", dirs_exist_ok=True)
+    log.info("baseline %s: split=%s epochs=%s in %s", name, sub.split.method, sub.train.epochs, sub_dir)
+    split.run(sub, sub_dir)
+    train.run(sub, sub_dir)
+    merge.run(sub, sub_dir)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- evaluator
+
+
+class Evaluator:
+    """Per-task held-out loss and exact-match accuracy of any parameters with the template's structure.
+
+    Shapes are fixed (rows of `batch` examples padded to `max_len`), so everything compiles once.
+    """
+
+    def __init__(self, template: nnx.Module, mixture, tokenizer, *, max_len: int, batch: int = 32,
+                 max_new_tokens: int = 16):
+        self.template, self.tokenizer = template, tokenizer
+        self.graphdef, _ = nnx.split(template)
+        self.tasks = list(mixture.tasks)
+        self.heldout = [(name, ex) for name in self.tasks for ex in mixture.tasks[name].heldout]
+        if not self.heldout:
+            raise ValueError("evaluate: no held-out examples (data.heldout_fraction is 0?)")
+        self.train_sample = [(name, ex) for name in self.tasks for ex in mixture.tasks[name].calib[:8]]
+        self.max_len, self.batch, self.max_new_tokens = max_len, batch, max_new_tokens
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if self.eos_id is None or self.eos_id == tokenizer.unk_token_id:
+            self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id or 0
+        self._batches = {key: self._make_batches(items) for key, items in
+                         (("heldout", self.heldout), ("train", self.train_sample))}
+
+        @jax.jit
+        def row_losses(state, batch):
+            logits = nnx.merge(self.graphdef, state)(batch["input_ids"], positions=batch["positions"],
+                                                    segment_ids=batch["segment_ids"])
+            ce = losses.token_ce(logits, batch["targets"]) * batch["loss_mask"]
+            return ce.sum(-1), batch["loss_mask"].sum(-1)
+
+        self._row_losses = row_losses
+
+    def _make_batches(self, items):
+        examples = [ex for _, ex in items]
+        rows = packing.pad_batch(examples, self.max_len)
+        n = len(examples)
+        pad = (-n) % self.batch
+        rows = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in rows.items()}
+        return [{k: jnp.asarray(v[i:i + self.batch]) for k, v in rows.items()}
+                for i in range(0, n + pad, self.batch)], n
+
+    def state_of(self, flat: dict) -> nnx.State:
+        P.unflatten_into(self.template, flat)
+        return nnx.split(self.template)[1]
+
+    def task_losses(self, flat: dict, which: str = "heldout") -> dict[str, float]:
+        batches, n = self._batches[which]
+        state = self.state_of(flat)
+        sums, counts = zip(*[jax.device_get(self._row_losses(state, b)) for b in batches])
+        sums, counts = np.concatenate(sums)[:n], np.concatenate(counts)[:n]
+        items = self.heldout if which == "heldout" else self.train_sample
+        out = {}
+        for name in self.tasks:
+            idx = [i for i, (t, _) in enumerate(items) if t == name]
+            if idx:
+                out[name] = float(sums[idx].sum() / max(counts[idx].sum(), 1.0))
+        return out
+
+    def mean_loss(self, flat: dict, which: str = "heldout") -> float:
+        return float(np.mean(list(self.task_losses(flat, which).values())))
+
+    def accuracy(self, flat: dict) -> dict[str, float]:
+        self.state_of(flat)
+        correct = {name: [] for name in self.tasks}
+        prompts = [ex.input_ids[:ex.prompt_len].tolist() for _, ex in self.heldout]
+        width = max(len(p) for p in prompts)
+        for i in range(0, len(prompts), self.batch):
+            chunk = prompts[i:i + self.batch]
+            chunk += [[self.pad_id]] * (self.batch - len(chunk))
+            ids, mask = left_pad(chunk, self.pad_id)
+            ids = np.pad(ids, ((0, 0), (width - ids.shape[1], 0)), constant_values=self.pad_id)
+            mask = np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
+            out = generate(self.template, ids, mask, max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
+                           pad_id=self.pad_id)
+            for row, (name, ex) in zip(out, self.heldout[i:i + self.batch]):
+                toks = row.tolist()
+                toks = toks[:toks.index(self.eos_id)] if self.eos_id in toks else toks
+                text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                correct[name].append(text == ex.answer.strip())
+        return {name: float(np.mean(v)) for name, v in correct.items() if v}
+
+    def evaluate(self, flat: dict) -> dict:
+        loss, acc = self.task_losses(flat), self.accuracy(flat)
+        return {"loss": loss, "accuracy": acc, "mean_loss": float(np.mean(list(loss.values()))),
+                "mean_accuracy": float(np.mean(list(acc.values())))}
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def models_to_evaluate(cfg, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    models = {"theta0": wd.theta0(cfg, workdir)}
+    k = num_groups(cfg)
+    if k > 1:
+        models.update({f"branch{i}": wd.branch_final(workdir, i) for i in range(k)})
+    models["merit"] = wd.merged_dir(workdir)
+    for name in cfg.evaluate.baselines:
+        models[name] = run_baseline(cfg, workdir, name)
+    return models
+
+
+def load_flat(path: pathlib.Path) -> dict:
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.load(path)
+    return P.flatten(load_model(path))
+
+
+def run(cfg, workdir: pathlib.Path) -> dict:
+    workdir = pathlib.Path(workdir)
+    out_file = workdir / RESULTS
+    if out_file.is_file():
+        log.info("evaluate: %s exists, skipping", out_file)
+        return wd.read_json(out_file)
+    models = models_to_evaluate(cfg, workdir)
+    tokenizer = load_tokenizer(cfg)
+    mixture = load_mixture(cfg, tokenizer, workdir)
+    template = load_model(models["theta0"])
+    ev = Evaluator(template, mixture, tokenizer, max_len=cfg.data.max_len,
+                   batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens)
+    flats = {}
+    results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()}}
+    for name, path in tqdm(models.items(), desc="evaluate", unit="model"):
+        flats[name] = load_flat(path)
+        results["models"][name] = dict(ev.evaluate(flats[name]), path=str(path))
+        log.info("evaluate %-8s held-out loss %.4f  exact match %.3f", name,
+                 results["models"][name]["mean_loss"], results["models"][name]["mean_accuracy"])
+    results["diagnostics"] = merge_diagnostics(cfg, workdir, ev, flats)
+    wd.write_json(out_file, results)
+    return results
+
+
+def merge_diagnostics(cfg, workdir, ev: Evaluator, flats: dict) -> dict:
+    """The paper's merge-readiness checks, on the held-out loss (mean over tasks)."""
+    theta0 = {k: jnp.asarray(v) for k, v in flats["theta0"].items()}
+    branches = [n for n in flats if n.startswith("branch")]
+    loss = ev.mean_loss
+    out: dict = {}
+    if branches:
+        part = wd.read_partition(workdir)
+        w = np.asarray(part["weights"], np.float64)
+        ends = {"theta0": theta0, **{b: flats[b] for b in branches}}
+        names = list(ends)
+        alphas = np.linspace(0.0, 1.0, int(cfg.evaluate.lmc_points))
+        out["lmc"] = []
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                barrier, curve = diagnostics.lmc_barrier(loss, ends[names[i]], ends[names[j]], alphas)
+                out["lmc"].append({"a": names[i], "b": names[j], "barrier": float(barrier),
+                                   "curve": [float(c) for c in curve]})
+        out["merging_gain"] = float(diagnostics.merging_gain(loss, [flats[b] for b in branches], w,
+                                                             merged=flats["merit"]))
+    out["displacement"] = {n: float(diagnostics.displacement(f, theta0)[0]) for n, f in flats.items()
+                           if n != "theta0"}
+    out["train_vs_heldout"] = {n: {"train": ev.mean_loss(flats[n], "train"), "heldout": ev.mean_loss(flats[n])}
+                               for n in ("merit", "joint", "joint2") if n in flats}
+    key = jax.random.key(int(cfg.seed))
+    out["noise"] = {}
+    for n in ("merit", "joint"):
+        if n not in flats:
+            continue
+        rows = {}
+        for sigma in cfg.evaluate.noise_sigmas:
+            vals = []
+            for _ in range(int(cfg.evaluate.noise_draws)):
+                key, sub = jax.random.split(key)
+                vals.append(loss(diagnostics.add_relative_noise(flats[n], float(sigma), sub)))
+            rows[str(sigma)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+        out["noise"][n] = {"clean": loss(flats[n]), "sigmas": rows}
+    return out
