@@ -90,8 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
   # --- merge ---------------------------------------------------------------------------------------
   c.merge = g = ml_collections.ConfigDict()
   g.method = "tokens"  # tokens | uniform | weights | task_arithmetic | ties | dare
-  g.weights = []
+  g.weights = []  # for method=weights (normalised; a warning if they do not sum to 1)
   g.dtype = ""  # "" keeps the inputs' dtype
+  g.base = ""  # θ⁰ for task_arithmetic / ties / dare ("" = WORKDIR/basin)
+  g.lam = 1.0  # task arithmetic scale
+  g.density = 0.2  # TIES: fraction of each task vector kept
+  g.drop_p = 0.9  # DARE: drop probability
 
   # --- export / evaluate / report ------------------------------------------------------------------
   c.export = ml_collections.ConfigDict(dict(dtype="float32"))
