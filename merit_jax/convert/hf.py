@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,8 +45,25 @@ def hf_key(name: str) -> tuple[str, bool]:
     """merit_jax parameter name -> (HF tensor name, whether the tensor is transposed between the two)."""
     *prefix, leaf = name.split("/")
     hf_leaf, transpose = {"kernel": ("weight", True), "embedding": ("weight", False),
-                          "scale": ("weight", False), "bias": ("bias", False)}[leaf]
+                          "scale": ("weight", False), "bias": ("bias", False),
+                          "weight": ("weight", False)}[leaf]  # `weight`: kept in HF's layout (Conv3d)
     return ".".join([*prefix, hf_leaf]), transpose
+
+
+# Qwen2.5-VL tensors as transformers 5 names them in memory; checkpoints (and save_pretrained) use the
+# released names `visual.*` / `model.*`, which is what merit_jax writes; either is read.
+_HF_ALIASES = ((r"^visual\.", "model.visual."), (r"^model\.(?!visual\.|language_model\.)", "model.language_model."))
+
+
+def stored_key(key: str, stored) -> str:
+    """`key`, or the alias under which a checkpoint holding `stored` names keeps that tensor."""
+    if key in stored:
+        return key
+    for pattern, repl in _HF_ALIASES:
+        alias = re.sub(pattern, repl, key)
+        if alias != key and alias in stored:
+            return alias
+    return key
 
 
 class HFTensors:
@@ -94,6 +112,7 @@ def load_hf_params_fetch(tensors: HFTensors, tied: bool):
 
     def fetch(name, shape, dtype, index):
         key, transpose = hf_key(name)
+        key = stored_key(key, tensors.file_of)
         if key not in tensors.file_of:
             raise KeyError(f"{tensors.path}: tensor {key!r} (for {name}) is missing")
         hf_shape = tensors.shape(key)

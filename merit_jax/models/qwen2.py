@@ -172,10 +172,10 @@ class Qwen2Model(nnx.Module):
     def __call__(self, input_ids_bt, positions_bt, mask_b1ts, caches=None, inputs_embeds_btd=None):
         x_btd = self.embed_tokens(input_ids_bt) if inputs_embeds_btd is None else inputs_embeds_btd
         x_btd = constrain(x_btd.astype(self.policy.compute_dtype), ("batch", "seq", "act_embed"))
-        if positions_bt.ndim == 2:
+        if isinstance(positions_bt, (tuple, list)) or positions_bt.ndim != 2:
+            cos, sin = positions_bt  # precomputed (multimodal RoPE): a (cos, sin) pair, or them stacked
+        else:
             cos, sin = rope_cos_sin(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
-        else:  # precomputed (e.g. multimodal RoPE): a (cos, sin) pair
-            cos, sin = positions_bt
         cos, sin = cos.astype(self.policy.compute_dtype), sin.astype(self.policy.compute_dtype)
         new_caches = []
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,312 @@
+"""Images for Qwen2.5-VL examples: loading with clear errors, transformers' Qwen2-VL image processor (its PIL
+backend: Pillow only, no torchvision), image-token expansion, truncation that keeps images whole, batches;
+and a small synthetic image-task mixture (Vision-FLAN shaped) with its tokenizer, for tests.
+
+How the pieces fit (the lead wires them into the mixture / extract / train stages):
+
+    processor = image_processor(model_dir, min_pixels=..., max_pixels=...)
+    examples = encode_vl_records(records, ChatEncoder(tokenizer), processor, image_token_id=...,
+                                 max_image_pixels=cfg.data.max_image_pixels)   # tokens expanded, lazily: no pixels
+    ex, action = truncate_vl(ex, max_len, mode, vision_ids)                    # never cuts through an image
+    batch = vl_batch(examples, rows, seq_len, processor, vision=model.vl_config.vision, bucket=True)
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                   segment_ids=batch["segment_ids"], vision_layout=batch["vision_layout"])
+
+An example keeps only its image's path and patch grid (read from the file header): pixels are decoded when a
+batch is built, so a 190k-image mixture costs no memory up front. The chat encoder renders Vision-FLAN's
+`<image>` as `<|vision_start|><|image_pad|><|vision_end|>`; `expand_image_tokens` repeats `<|image_pad|>` to
+the t*h*w/4 tokens the processor's grid gives (transformers' `Qwen2_5_VLProcessor` does the same), none of
+them supervised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from merit_jax.data.records import DataError, Record
+from merit_jax.data.tokenize import Example, truncate
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+IMAGE_TOKEN = "<|image_pad|>"
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # data.max_image_pixels: larger files are refused before decoding
+
+
+class ImageError(DataError):
+    """A record's image is missing, unreadable, or over the configured size limit (names the record)."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _open(path, where: str, max_pixels: int):
+    from PIL import Image, UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ImageError(f"{where}: image not found: {path}")
+    try:
+        image = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{where}: image {path} is too large ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageError(f"{where}: unreadable image {path}: {e}") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        image.close()
+        raise ImageError(f"{where}: image {path} is {w}x{h} = {w * h} pixels, over the limit "
+                         f"data.max_image_pixels={max_pixels}")
+    return image
+
+
+def image_size(path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(height, width) from the file's header; ImageError naming `where` if missing, unreadable, too large."""
+    with _open(path, where, max_pixels) as image:
+        w, h = image.size
+    return h, w
+
+
+def load_image(path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """The decoded image as an RGB PIL image; ImageError naming `where` on a bad file."""
+    image = _open(path, where, max_pixels)
+    try:
+        image.load()  # decodes: a truncated or corrupt body fails here
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{where}: unreadable image {path}: {e}") from None
+    finally:
+        image.close()
+
+
+# -------------------------------------------------------------------------------------------- processor
+
+
+def image_processor(model_dir=None, *, min_pixels: int | None = None, max_pixels: int | None = None):
+    """transformers' `Qwen2VLImageProcessorPil`, configured by MODEL_DIR/preprocessor_config.json when there is
+    one (a released Qwen2.5-VL ships it), with min/max pixel bounds overridden when given."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    if model_dir and (pathlib.Path(model_dir) / "preprocessor_config.json").is_file():
+        return Qwen2VLImageProcessorPil.from_pretrained(str(model_dir), **overrides)
+    return Qwen2VLImageProcessorPil(**overrides)
+
+
+def image_grid(processor, height: int, width: int) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid the processor gives an image of this size (its own `smart_resize`)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    factor = processor.patch_size * processor.merge_size
+    rh, rw = smart_resize(height, width, factor=factor, min_pixels=processor.size["shortest_edge"],
+                          max_pixels=processor.size["longest_edge"])
+    return 1, rh // processor.patch_size, rw // processor.patch_size
+
+
+def preprocess(processor, images) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values float32 [P, C*2*14*14], image_grid_thw int32 [N, 3]) of PIL images, as the processor
+    computes them (resize, rescale, normalise, patchify)."""
+    out = processor(images=list(images), return_tensors="np")
+    return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int32)
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """{token: id} of the vision special tokens; ValueError when the tokenizer lacks them."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in VISION_TOKENS[:3] if t not in vocab]
+    if missing:
+        raise ValueError(f"{tokenizer.name_or_path}: the tokenizer has no {missing} token(s): not a Qwen2.5-VL "
+                         "tokenizer (see merit_jax.data.vision.add_vision_tokens)")
+    return {t: vocab[t] for t in VISION_TOKENS if t in vocab}
+
+
+def expand_image_tokens(input_ids: np.ndarray, loss_mask: np.ndarray, grids: np.ndarray, image_token_id: int,
+                        merge_size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Repeats the i-th image token to grids[i].prod() / merge_size^2 tokens (never supervised)."""
+    slots = np.flatnonzero(input_ids == image_token_id)
+    if len(slots) != len(grids):
+        raise ImageError(f"{where}: {len(slots)} image placeholder(s) in the text for {len(grids)} image(s) "
+                         "(a record with an image needs exactly one '<image>' in its turns)")
+    repeats = np.ones(len(input_ids), np.int64)
+    repeats[slots] = np.asarray(grids, np.int64).prod(-1) // (merge_size * merge_size)
+    mask = np.repeat(loss_mask, repeats)
+    mask[np.repeat(input_ids == image_token_id, repeats)] = False
+    return np.repeat(input_ids, repeats).astype(np.int32), mask
+
+
+@dataclasses.dataclass(eq=False)
+class VLExample(Example):
+    """An Example whose image tokens are expanded; pixels are loaded when a batch is built.
+
+    image_grid_thw int32 [N, 3] (N = 0 for a text-only example); `where` names the record in errors."""
+
+    image_grid_thw: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
+    where: str = ""
+
+    @property
+    def images(self) -> list[str]:
+        return [self.image] if self.image else []
+
+
+def to_vl_example(example: Example, where: str, processor, *, image_token_id: int,
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> VLExample:
+    """Reads the image's header (size, validity), computes its grid and expands its tokens."""
+    images = [example.image] if example.image else []
+    grids = np.array([image_grid(processor, *image_size(p, where, max_image_pixels)) for p in images],
+                     np.int32).reshape(-1, 3)
+    ids, mask = expand_image_tokens(example.input_ids, example.loss_mask, grids, image_token_id,
+                                    processor.merge_size, where)
+    slots = np.flatnonzero(example.input_ids == image_token_id)
+    added = grids.prod(-1) // processor.merge_size ** 2 - 1  # tokens each image adds
+    prompt_len = example.prompt_len + int(added[slots < example.prompt_len].sum())
+    base = {f.name: getattr(example, f.name) for f in dataclasses.fields(Example)}
+    base.update(input_ids=ids, loss_mask=mask, prompt_len=prompt_len)
+    return VLExample(**base, image_grid_thw=grids, where=where)
+
+
+def encode_vl_records(records: Sequence[Record], encoder, processor, *, image_token_id: int,
+                      max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[VLExample]:
+    """Records -> VLExamples: the chat encoder's tokens with each image's tokens expanded."""
+    return [to_vl_example(ex, r.where, processor, image_token_id=image_token_id, max_image_pixels=max_image_pixels)
+            for r, ex in zip(records, encoder.encode(list(records)))]
+
+
+def truncate_vl(ex: VLExample, max_len: int, mode: str, vision_ids):
+    """`tokenize.truncate`, except that an example whose cut would lose any vision token (`vision_ids`: the
+    ids of `vision_token_ids(tokenizer)`) is skipped: an image is fed whole, with its start/end markers, or
+    not at all. Returns (example or None, "kept" | "truncated" | "skipped")."""
+    out, action = truncate(ex, max_len, mode)
+    if out is not None and action == "truncated":
+        ids = np.asarray(sorted(set(vision_ids)))
+        if np.isin(out.input_ids, ids).sum() != np.isin(ex.input_ids, ids).sum():
+            return None, "skipped"
+    return out, action
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def load_pixels(examples: Sequence[VLExample], processor,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values [P, D], image_grid_thw [N, 3]) of the examples' images, in order; checks each grid
+    against the one its tokens were expanded for (an image replaced on disk is named)."""
+    pixels, grids = [], []
+    for ex in examples:
+        for path in ex.images:
+            pv, grid = preprocess(processor, [load_image(path, ex.where, max_image_pixels)])
+            pixels.append(pv)
+            grids.append(grid)
+        got = np.concatenate(grids[len(grids) - len(ex.images):] or [np.zeros((0, 3), np.int32)])
+        if not np.array_equal(got, ex.image_grid_thw):
+            raise ImageError(f"{ex.where}: image grid {got.tolist()} differs from {ex.image_grid_thw.tolist()} "
+                             "computed when the example was encoded (was the image file changed?)")
+    patch_dim = 3 * processor.temporal_patch_size * processor.patch_size ** 2
+    if not pixels:
+        return np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int32)
+    return np.concatenate(pixels), np.concatenate(grids).astype(np.int32)
+
+
+def vl_batch(examples: Sequence[VLExample], rows: Sequence[Sequence[int]], seq_len: int, processor, *,
+             vision=None, bucket: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
+    """The batch dict of packed `rows` (example indices per row, as `packing.plan_rows` gives), plus
+    pixel_values float32 [P, D] and image_grid_thw int32 [N, 3] of the rows' images in row-major order, and,
+    with `vision` (a VisionConfig), the host-computed `vision_layout` for jit.
+
+    bucket: pad P and N (and the layout) to powers of two (zero pixels, zero grid rows) so few shapes recur.
+    """
+    from merit_jax.data.packing import TokenTable
+
+    batch = TokenTable(list(examples)).rows([list(r) for r in rows], seq_len)
+    order = [examples[i] for r in rows for i in r]
+    pixel_values, grid = load_pixels(order, processor, max_image_pixels)
+    if vision is not None and len(grid):
+        from merit_jax.models.qwen2_5_vl import vision_layout
+
+        layout = vision_layout(grid, vision, bucket=bucket)
+        batch["vision_layout"] = layout
+        pixel_values = np.pad(pixel_values, ((0, layout.num_patches - len(pixel_values)), (0, 0)))
+    if bucket and len(grid):
+        grid = np.pad(grid, ((0, (1 << (len(grid) - 1).bit_length()) - len(grid)), (0, 0)))
+    batch["pixel_values"], batch["image_grid_thw"] = pixel_values, grid
+    return batch
+
+
+# ------------------------------------------------------------------------- tokenizer and synthetic mixture
+
+
+def add_vision_tokens(tokenizer_dir, out_dir) -> pathlib.Path:
+    """A copy of a tokenizer with Qwen2.5-VL's vision special tokens appended (for tiny test models)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
+    tok.save_pretrained(str(out_dir))
+    return pathlib.Path(out_dir)
+
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+# task -> (family, question); the answer is computed from the drawn image
+SYNTHETIC_VL_TASKS = {
+    "color": ("appearance", "What color is the image?"),
+    "brighter_side": ("appearance", "Which side is brighter, left or right?"),
+    "count_squares": ("layout", "How many white squares are there?"),
+    "shape": ("layout", "Is the image wide or tall?"),
+}
+
+
+def _draw(task: str, rng: np.random.Generator, min_side: int, max_side: int):
+    from PIL import Image, ImageDraw
+
+    h, w = (int(x) for x in rng.integers(min_side, max_side + 1, size=2))
+    if task == "shape" and h == w:
+        w += 14
+    noise = rng.integers(0, 30, size=(h, w, 3))
+    if task == "color":
+        answer = str(rng.choice(list(COLORS)))
+        pixels = np.clip(np.array(COLORS[answer]) + noise - 15, 0, 255)
+    elif task == "brighter_side":
+        answer = str(rng.choice(["left", "right"]))
+        pixels = noise + 40
+        half = slice(0, w // 2) if answer == "left" else slice(w // 2, w)
+        pixels[:, half] += 160
+    elif task == "count_squares":
+        n = int(rng.integers(1, 4))
+        answer, pixels = str(n), noise
+        image = Image.fromarray(pixels.astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        side = max(4, min(h, w) // 5)
+        for i in range(n):  # squares on a diagonal band, apart from each other
+            x0 = int(i * (w - side) / max(n - 1, 1)) if n > 1 else (w - side) // 2
+            y0 = int(rng.integers(0, h - side + 1))
+            draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=(255, 255, 255))
+        return image, answer
+    else:  # shape
+        answer = "wide" if w > h else "tall"
+        pixels = noise + 100
+    return Image.fromarray(pixels.astype(np.uint8)), answer
+
+
+def write_synthetic_vl_mixture(out_dir, seed: int = 0, examples_per_task: int = 24, min_side: int = 28,
+                               max_side: int = 84) -> pathlib.Path:
+    """Writes OUT/annotation.json (Vision-FLAN records: id, task_name, image, conversations), the PNGs under
+    OUT/images/ and OUT/families.json; images resolve against OUT (data.image_root). Deterministic."""
+    out = pathlib.Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for task, (_, question) in SYNTHETIC_VL_TASKS.items():
+        for i in range(examples_per_task):
+            image, answer = _draw(task, rng, min_side, max_side)
+            rel = f"images/{task}_{i:04d}.png"
+            image.save(out / rel)
+            records.append({"id": f"{task}_{i}", "task_name": task, "image": rel, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    (out / "annotation.json").write_text(json.dumps(records, indent=0) + "\n")
+    (out / "families.json").write_text(json.dumps({t: f for t, (f, _) in SYNTHETIC_VL_TASKS.items()}, indent=1))
+    return out
