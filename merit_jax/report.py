@@ -59,6 +59,7 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
     results = wd.read_json(workdir / "evaluate" / "results.json", "evaluate")
     partition = wd.read_partition(workdir)
     tasks = wd.read_json(wd.extract_dir(workdir) / "tasks.json", "extract")
+    tasks = tasks["tasks"] if isinstance(tasks, dict) else tasks
     timings = wd.stage_timings(workdir)
     metrics = {"config": {"split": cfg.split.to_dict(), "train": cfg.train.to_dict(), "merge": cfg.merge.to_dict()},
                "partition": partition, "results": results, "timings_s": timings}
