@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- data --------------------------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
   d.path = ""  # file or directory of task records; "" generates the shipped synthetic mixture
-  d.tasks = []  # optional list of {"name": ..., "path": ...}; overrides `path`
+  d.tasks = ()  # optional tuple of {"name": ..., "path": ...}; overrides `path`
   d.tokenizer = ""  # tokenizer directory; "" uses the model's (or the synthetic mixture's) tokenizer
   d.image_root = ""  # Vision-FLAN images resolve against this
   d.max_len = 128  # tokens per example; longer examples follow `truncation`
@@ -57,8 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.dim = 4096  # d for sketch
   e.stride = 7  # s for stride
   e.per_example = "mean"  # mean | unit (normalise each example's gradient first) | tokens (token-weighted)
-  e.include = [".*"]  # regexes over parameter paths
-  e.exclude = ["embed_tokens", "lm_head"]
+  e.include = (".*",)  # regexes over parameter paths
+  e.exclude = ("embed_tokens", "lm_head")
   e.keep_example_sketches = True  # needed for the calibration-stability curve
 
   # --- split ---------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- merge ---------------------------------------------------------------------------------------
   c.merge = g = ml_collections.ConfigDict()
   g.method = "tokens"  # tokens | uniform | weights | task_arithmetic | ties | dare
-  g.weights = []  # for method=weights (normalised; a warning if they do not sum to 1)
+  g.weights = ()  # for method=weights (normalised; a warning if they do not sum to 1)
   g.dtype = ""  # "" keeps the inputs' dtype
   g.base = ""  # θ⁰ for task_arithmetic / ties / dare ("" = WORKDIR/basin)
   g.lam = 1.0  # task arithmetic scale
@@ -100,9 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- export / evaluate / report ------------------------------------------------------------------
   c.export = ml_collections.ConfigDict(dict(dtype="float32"))
   c.evaluate = v = ml_collections.ConfigDict()
-  v.baselines = ["joint"]  # joint | joint2 | random | conflict | uniform
+  v.baselines = ("joint", "uniform")  # any of joint, joint2, random, conflict, uniform
   v.max_new_tokens = 16
-  v.noise_sigmas = [0.01, 0.05, 0.1]
+  v.noise_sigmas = (0.01, 0.05, 0.1)
   v.noise_draws = 2
   v.lmc_points = 5
   return c

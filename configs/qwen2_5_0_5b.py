@@ -34,7 +34,7 @@ def get_config(size: str = "0.5b"):
     c.train.checkpoint_every = 500
     c.train.eval_every = 500
     c.train.log_every = 10
-    c.evaluate.baselines = ["joint", "uniform"]
+    c.evaluate.baselines = ("joint", "uniform")
     c.evaluate.max_new_tokens = 64
     c.export.dtype = "bfloat16"
     return c

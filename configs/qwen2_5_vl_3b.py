@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     e = c.extract
     e.n_calib = 200  # paper: 200 calibration examples per task
     e.micro_chunk = 4
-    e.exclude = ["embed_tokens", "lm_head", "^visual/"]  # language model only
+    e.exclude = ("embed_tokens", "lm_head", "^visual/")  # language model only
 
     c.split.depth = 3  # K = 8 groups (the paper's best VL-3B row)
 
@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.epochs = 1.0
     t.batch_size = 128
     t.seq_len = 2048
-    t.freeze = ["^visual/"]  # vision tower frozen ([] to train it as well)
+    t.freeze = ("^visual/",)  # vision tower frozen (() to train it as well)
     t.vision_bucket = True
     t.checkpoint_every = 200
 

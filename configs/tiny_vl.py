@@ -45,11 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_len = 96
     d.truncation = "skip"  # never cut through an image
 
-    c.extract.exclude = ["embed_tokens", "lm_head", "^visual/"]  # language model only (drop ^visual/ to add it)
+    c.extract.exclude = ("embed_tokens", "lm_head", "^visual/")  # language model only (drop ^visual/ to add it)
     c.extract.n_calib = 16
     c.split.depth = 1
     c.basin.steps = 100
-    c.train.freeze = ["^visual/"]  # regexes of frozen parameters: the vision tower ([] trains it too)
+    c.train.freeze = ("^visual/",)  # regexes of frozen parameters: the vision tower (() trains it too)
     c.train.vision_bucket = True  # power-of-two vision layouts: few jit shapes
     c.train.batch_size = 8
     c.train.seq_len = 128

@@ -1,0 +1,130 @@
+"""The whole pipeline as a user runs it: `python -m merit_jax.main --config configs/default.py`, shrunk.
+
+One run (module fixture) is checked for every artifact of DESIGN.md; then its training is redone with a
+SIGKILL in the middle and resumed, which must end with the same merged parameters.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [  # the default config, smaller: same stages, fewer examples and steps
+    "--config.data.synthetic.examples_per_task=48", "--config.basin.steps=16", "--config.extract.n_calib=12",
+    "--config.extract.dim=512", "--config.train.batch_size=8", "--config.train.checkpoint_every=1",
+    "--config.evaluate.lmc_points=3", "--config.evaluate.noise_draws=1", "--config.evaluate.max_new_tokens=6",
+    "--config.evaluate.baselines=('joint','uniform')",
+]
+
+
+def run_main(workdir, *extra, check=True, env=None):
+    cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/default.py", "--workdir", str(workdir),
+           *SMALL, *extra]
+    env = dict(os.environ, **(env or {}))
+    env.pop("XLA_FLAGS", None)  # the pipeline runs on one CPU device, as on a user's laptop
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline") / "wd"
+    run_main(workdir)
+    return workdir
+
+
+def test_default_run_writes_every_artifact(default_run):
+    w = default_run
+    for rel in ("config.json", "basin/merit_jax.json", "extract/tasks.json", "extract/task_grads.npy",
+                "split/partition.json", "split/cosine.npy", "split/cosine.png", "split/pca.png",
+                "merged/merit_jax.json", "hf/config.json", "hf/tokenizer.json", "report/report.md",
+                "report/metrics.json"):
+        assert (w / rel).is_file(), rel
+    tasks = json.loads((w / "extract/tasks.json").read_text())["tasks"]
+    grads = np.load(w / "extract/task_grads.npy")
+    assert grads.shape[0] == len(tasks) >= 16 and grads.dtype == np.float32
+    part = json.loads((w / "split/partition.json").read_text())
+    assert part["method"] == "merit" and len(part["groups"]) == 4
+    assert sorted(t for g in part["groups"] for t in g) == sorted(t["name"] for t in tasks)
+    assert np.isclose(sum(part["weights"]), 1.0)
+    for k in range(4):
+        assert (w / "branches" / str(k) / "final" / "merit_jax.json").is_file()
+    report = (w / "report/report.md").read_text()
+    for needle in ("theta0", "merit", "joint", "uniform", "cosine.png", "barrier", "‖θ − θ⁰‖"):
+        assert needle in report, needle
+    metrics = json.loads((w / "report/metrics.json").read_text())
+    assert set(metrics["results"]["models"]) >= {"theta0", "merit", "joint", "uniform"}
+
+
+def test_export_answers_a_heldout_prompt_with_the_chat_template(default_run):
+    import torch
+    import transformers
+
+    hf = default_run / "hf"
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    data = next((default_run / "data").glob("synthetic-*"))
+    record = json.loads(next(iter(sorted(data.glob("*.jsonl")))).read_text().splitlines()[-1])
+    messages = record.get("messages") or [{"role": "user", "content": record["inputs"]}]
+    prompt = tok.apply_chat_template([m for m in messages if m["role"] != "assistant"],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id)
+    answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert isinstance(answer, str) and out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_rerun_skips_finished_stages(default_run):
+    before = (default_run / "merged" / "merit_jax.json").stat().st_mtime_ns
+    start = time.time()
+    run_main(default_run)
+    assert (default_run / "merged" / "merit_jax.json").stat().st_mtime_ns == before
+    assert time.time() - start < 120
+
+
+def test_killed_training_resumes_to_the_same_merged_parameters(default_run, tmp_path):
+    from merit_jax import checkpoint
+
+    w = tmp_path / "wd"
+    w.mkdir()
+    for part in ("config.json", "basin", "extract", "split", "data"):
+        src = default_run / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, w / part)
+    cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/default.py", "--workdir", str(w), *SMALL,
+           "--stage", "train"]
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = w / "branches" / "1" / "ckpt"
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (w / "merged").exists()
+    run_main(w, "--stage", "train")
+    run_main(w, "--stage", "merge")
+    a, b = checkpoint.load(default_run / "merged"), checkpoint.load(w / "merged")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_config_errors_stop_before_any_compute(tmp_path):
+    proc = run_main(tmp_path / "wd", "--config.split.method=kmeans", "--config.train.batch_size=7",
+                    "--config.mesh.fsdp=3", check=False)
+    assert proc.returncode == 2
+    assert "split.method='kmeans'" in proc.stderr and "mesh" in proc.stderr
+    assert not (tmp_path / "wd" / "basin").exists()
