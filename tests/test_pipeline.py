@@ -128,3 +128,39 @@ def test_config_errors_stop_before_any_compute(tmp_path):
     assert proc.returncode == 2
     assert "split.method='kmeans'" in proc.stderr and "mesh" in proc.stderr
     assert not (tmp_path / "wd" / "basin").exists()
+
+
+def test_lm_evaluation_harness_scores_the_export_like_we_do(default_run):
+    """`lm_eval --model hf` on the exported directory generates exactly what our JAX model generates."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from merit_jax.data.mixture import load_mixture, load_tokenizer
+    from merit_jax.lm_eval_task import TASK_NAME, write_task
+    from merit_jax.models.generate import generate, left_pad
+    from merit_jax.models.io import load_model
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs" / "default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.data.synthetic.examples_per_task = 48
+    tokenizer = load_tokenizer(cfg)
+    mixture = load_mixture(cfg, tokenizer, default_run)
+    yaml = write_task(mixture, tokenizer, default_run / "lm_eval", max_new_tokens=6)
+    limit = 12
+    out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(default_run / "hf")},
+                                  tasks=[TASK_NAME], task_manager=TaskManager(include_path=str(yaml.parent)),
+                                  limit=limit, batch_size=4, device="cpu", log_samples=True)
+    theirs = [s["resps"][0][0] for s in sorted(out["samples"][TASK_NAME], key=lambda s: s["doc_id"])]
+    heldout = [ex for t in mixture.tasks.values() for ex in t.heldout][:limit]
+    model = load_model(default_run / "hf")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids, mask = left_pad([ex.input_ids[:ex.prompt_len].tolist() for ex in heldout], tokenizer.pad_token_id)
+    ours = []
+    for row in generate(model, ids, mask, max_new_tokens=6, eos_id=eos, pad_id=tokenizer.pad_token_id):
+        row = row.tolist()
+        ours.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True))
+    assert theirs == ours
+    em = out["results"][TASK_NAME]["exact_match,none"]
+    assert em == pytest.approx(np.mean([o.strip() == ex.answer.strip() for o, ex in zip(ours, heldout)]))
