@@ -1,0 +1,613 @@
+"""Stage 1 of MERIT: each task's dataset-level gradient at θ⁰, reduced to d dims (docs/EXTRACT.md).
+
+    extractor = TaskExtractor(model, select_params(names, include, exclude), ExtractOptions(...), mesh=mesh)
+    result = extractor(pad_batch(task.calib, seq_len))    # TaskResult: vector [d], per-example norms, ...
+
+One jit-compiled function per task does all the work: the task's calibration examples, laid out as
+[n_chunks, micro_chunk, S] (examples sharded over the data axes, parameters over fsdp/tp), are scanned
+micro-chunk by micro-chunk; in each, `jax.vmap(jax.value_and_grad(loss))` gives the chunk's per-example
+gradients, which are reduced on the spot (weighted sum, norms, optional per-example sketches) and dropped.
+Only one micro-chunk of per-example gradients ever exists. After the scan, the weighted mean gradient is
+reduced once (merit_jax.sketch: full | stride | sketch): the reductions are linear.
+
+`run(cfg, workdir)` is the pipeline stage: WORKDIR/extract/{tasks.json, task_grads.npy, gram.npy,
+example_norms.json, stability.json}. Interrupted runs resume task by task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import shutil
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from merit_jax import sketch as sk
+from merit_jax.losses import per_example_losses
+from merit_jax.models import params as P
+from merit_jax.sharding import LOGICAL_RULES
+
+log = logging.getLogger(__name__)
+
+PER_EXAMPLE = ("mean", "unit", "tokens")
+STABILITY_SIZES = (10, 25, 50, 100, 200)
+BATCH_AXES = ("data", "fsdp")  # examples are sharded over every data-parallel mesh axis
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------------------------------
+# Which parameters
+# --------------------------------------------------------------------------------------------------
+
+def select_params(names: Sequence[str], include: Sequence[str] = (".*",),
+                  exclude: Sequence[str] = ("embed_tokens", "lm_head")) -> list[str]:
+    """The names (in the given order) matched by some `include` regex and by no `exclude` regex
+    (re.search over the flat parameter paths, e.g. "model/layers/0/mlp/up_proj/kernel")."""
+    def compile_all(patterns, key):
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        out = []
+        for p in patterns:
+            try:
+                out.append(re.compile(p))
+            except re.error as e:
+                raise ValueError(f"extract.{key}: invalid regex {p!r}: {e}") from None
+        return out
+
+    inc, exc = compile_all(include, "include"), compile_all(exclude, "exclude")
+    chosen = [n for n in names if any(r.search(n) for r in inc) and not any(r.search(n) for r in exc)]
+    if not chosen:
+        raise ValueError(f"extract: no parameter matches include={list(include)} minus exclude={list(exclude)} "
+                         f"(first names: {list(names)[:4]})")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-example loss and gradients
+# --------------------------------------------------------------------------------------------------
+
+def example_loss(model: nnx.Module, ex: Mapping[str, jax.Array]) -> jax.Array:
+    """One example's loss: the mean cross-entropy over its supervised tokens. `ex`: batch-dict arrays [S]."""
+    logits = model(ex["input_ids"][None], positions=ex["positions"][None], segment_ids=ex["segment_ids"][None])
+    return per_example_losses(logits, ex["targets"][None], ex["loss_mask"][None])[0]
+
+
+def split_model(model: nnx.Module, names: Sequence[str]):
+    """(graphdef, selected params State, the rest State): gradients are taken w.r.t. the selected part."""
+    wanted = set(names)
+    missing = wanted - set(P.flatten(model))
+    if missing:
+        raise ValueError(f"extract: the model has no parameter(s) {sorted(missing)[:3]}")
+    selected = nnx.All(nnx.Param, lambda path, _: P.path_name(path) in wanted)
+    return nnx.split(model, selected, ...)
+
+
+def _flat(state: nnx.State) -> dict[str, jax.Array]:
+    return {P.path_name(p): v[...] if isinstance(v, nnx.Variable) else v for p, v in nnx.to_flat_state(state)}
+
+
+def _vmapped_grads(graphdef, selected, rest, chunk, spmd_axes):
+    """(losses [C], {name: per-example gradient [C, ...]}) of a chunk of examples (batch-dict arrays [C, S])."""
+    def loss(sel, ex):
+        return example_loss(nnx.merge(graphdef, sel, rest), ex)
+
+    losses, grads = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0), spmd_axis_name=spmd_axes)(
+        selected, chunk)
+    return losses, _flat(grads)
+
+
+def per_example_grads(model: nnx.Module, batch: Mapping[str, Any], names: Sequence[str] | None = None):
+    """(losses [B], {name: gradient [B, ...]}) for every row of a batch dict, in one vmap (tests, bench).
+    Materialises all B gradients: the stage never calls this, it reduces micro-chunks instead."""
+    names = list(P.flatten(model)) if names is None else list(names)
+    graphdef, selected, rest = split_model(model, names)
+    chunk = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    return jax.jit(lambda s, r, c: _vmapped_grads(graphdef, s, r, c, None))(selected, rest, chunk)
+
+
+# --------------------------------------------------------------------------------------------------
+# The compiled task function
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ExtractOptions:
+    reduction: str = "sketch"  # full | stride | sketch: of the task's mean gradient
+    per_example: str = "mean"  # mean | unit | tokens: how examples weigh in the task's mean
+    dim: int = 4096  # d of `sketch` (and of the per-example sketches when reduction is full)
+    stride: int = 7  # s of `stride`
+    seed: int = 0  # of the sketch's hash
+    micro_chunk: int = 16  # examples per vmap(grad) step (global, over all data shards)
+    keep_example_sketches: bool = True
+
+    def __post_init__(self):
+        if self.reduction not in sk.REDUCTIONS:
+            raise ValueError(f"extract.reduction must be one of {sk.REDUCTIONS}, got {self.reduction!r}")
+        if self.per_example not in PER_EXAMPLE:
+            raise ValueError(f"extract.per_example must be one of {PER_EXAMPLE}, got {self.per_example!r}")
+        if isinstance(self.micro_chunk, bool) or int(self.micro_chunk) != self.micro_chunk or self.micro_chunk < 1:
+            raise ValueError(f"extract.micro_chunk must be an integer >= 1, got {self.micro_chunk!r}")
+
+    @property
+    def example_reduction(self) -> str:
+        """Per-example gradients are never kept whole: with reduction=full they are sketched."""
+        return "sketch" if self.reduction == "full" else self.reduction
+
+    @classmethod
+    def from_config(cls, cfg) -> "ExtractOptions":
+        e = cfg.extract
+        return cls(reduction=e.reduction, per_example=e.per_example, dim=int(e.dim), stride=int(e.stride),
+                   seed=int(e.get("seed", cfg.get("seed", 0))), micro_chunk=int(e.micro_chunk),
+                   keep_example_sketches=bool(e.keep_example_sketches))
+
+
+@dataclasses.dataclass
+class TaskResult:
+    vector: np.ndarray  # float32 [d]: the reduced weighted mean gradient ([P] for full)
+    losses: np.ndarray  # float32 [n]: per-example loss (mean over its supervised tokens)
+    norms: np.ndarray  # float32 [n]: per-example gradient norm (over the selected parameters)
+    tokens: np.ndarray  # float32 [n]: supervised tokens per example
+    example_sketches: np.ndarray | None  # float32 [n, d_e]: reduced per-example gradients, when kept
+
+    @property
+    def n(self) -> int:
+        return len(self.losses)
+
+
+PER_EXAMPLE_CODE = {name: i for i, name in enumerate(PER_EXAMPLE)}
+
+
+def _weights(mode, valid_c, norms_c, tokens_c):
+    """Each example's weight in the task's sum; `mode` is traced (one compilation serves all three)."""
+    unit = valid_c / jnp.maximum(norms_c, jnp.finfo(jnp.float32).tiny)
+    return jnp.select([mode == 0, mode == 1], [valid_c, unit], valid_c * tokens_c)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about the compiled task function (hashable: jit caches on it, so a second
+    TaskExtractor for the same model structure and options reuses the compilation)."""
+    graphdef: Any
+    layout: sk.Layout
+    reduction: str
+    example_reduction: str | None  # None: no per-example sketches
+    dim: int
+    stride: int
+    seed: int
+    mesh: jax.sharding.Mesh | None
+    batch_axes: tuple[str, ...]
+    grad_specs: tuple[PartitionSpec, ...] | None  # per selected tensor, in layout order
+
+    def reduce(self, flat, reduction):
+        return sk.reduce_flat(flat, self.layout, reduction, d=self.dim, s=self.stride, seed=self.seed)
+
+
+def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
+    """Scans the task's micro-chunks: per-example gradients -> weighted sum, norms, sketches; then reduces
+    the weighted mean once. batch_ncs: batch-dict arrays [n_chunks, C, S]; valid_nc: 1 for real examples.
+    Chunks without a real example (padding to a common chunk count, so that tasks of different sizes share
+    one compilation) are skipped by a lax.cond."""
+    spmd = plan.batch_axes or None
+
+    def body(carry, xs):
+        return jax.lax.cond(jnp.any(xs[1] > 0), chunk_step, skip_chunk, carry, xs)
+
+    def skip_chunk(carry, xs):
+        chunk, valid_c = xs
+        c = valid_c.shape[0]
+        ys = {"loss": jnp.zeros((c,)), "norm": jnp.zeros((c,)), "tokens": jnp.zeros((c,))}
+        if plan.example_reduction is not None:
+            ys["sketch"] = jnp.zeros((c, sk.output_dim(plan.layout, plan.example_reduction, d=plan.dim,
+                                                       s=plan.stride)))
+        return carry, ys
+
+    def chunk_step(carry, xs):
+        acc, wsum = carry
+        chunk, valid_c = xs
+        losses_c, grads = _vmapped_grads(plan.graphdef, selected, rest, chunk, spmd)
+        if plan.grad_specs is not None:
+            grads = {k: jax.lax.with_sharding_constraint(v, NamedSharding(plan.mesh, spec))
+                     for (k, v), spec in zip(grads.items(), plan.grad_specs)}
+        # Reductions over the example axis as contractions (XLA CPU reduces a leading axis ~20x slower than
+        # it runs a matrix-vector product); HIGHEST: no reduced-precision (tf32/bf16) dots on accelerators.
+        rows = {k: g.astype(jnp.float32).reshape(g.shape[0], -1) for k, g in grads.items()}
+        sq_c = sum(jnp.sum(jnp.square(r), axis=1) for r in rows.values())
+        norms_c = jnp.sqrt(sq_c)
+        tokens_c = jnp.sum(chunk["loss_mask"].astype(jnp.float32), axis=1)
+        w_c = _weights(mode, valid_c, norms_c, tokens_c)
+        acc = {k: acc[k] + jnp.matmul(w_c, r, precision=_HIGHEST).reshape(acc[k].shape) for k, r in rows.items()}
+        ys = {"loss": losses_c, "norm": norms_c, "tokens": tokens_c}
+        if plan.example_reduction is not None:
+            ys["sketch"] = jax.vmap(lambda f: plan.reduce(f, plan.example_reduction))(grads)
+        return (acc, wsum + jnp.sum(w_c)), ys
+
+    acc0 = {n: jnp.zeros(s, jnp.float32) for n, s in zip(plan.layout.names, plan.layout.shapes)}
+    (acc, wsum), ys = jax.lax.scan(body, (acc0, jnp.zeros((), jnp.float32)), (batch_ncs, valid_nc))
+    mean = {k: v / wsum for k, v in acc.items()}
+    vector = mean if plan.reduction == "full" else plan.reduce(mean, plan.reduction)
+    return vector, ys
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_task_fn(compiler_options: tuple = ()):
+    """The jitted task function (one per set of XLA compiler options; jit caches on the plan and shapes)."""
+    return jax.jit(_task_impl, static_argnums=0, compiler_options=dict(compiler_options) or None)
+
+
+class TaskExtractor:
+    """Compiled per-task extraction for one model, parameter selection and options (see module docstring).
+
+    `mesh`: the model's parameters already live on it (load_model(..., mesh=mesh)); examples are sharded
+    over its data axes, so the micro-chunk is rounded up to a multiple of their size.
+    `compiler_options`: XLA options for jax.jit (tests use {"xla_backend_optimization_level": 0}: faster
+    CPU compilation)."""
+
+    def __init__(self, model: nnx.Module, names: Sequence[str], options: ExtractOptions = ExtractOptions(),
+                 mesh: jax.sharding.Mesh | None = None, compiler_options: Mapping[str, Any] | None = None):
+        self.options, self.mesh = options, mesh
+        self._fn = _compiled_task_fn(tuple(sorted((compiler_options or {}).items())))
+        graphdef, self.selected, self.rest = split_model(model, names)
+        self.layout = sk.Layout.of(_flat(self.selected))
+        self.dim = sk.output_dim(self.layout, options.reduction, d=options.dim, s=options.stride)
+        self.example_dim = sk.output_dim(self.layout, options.example_reduction, d=options.dim, s=options.stride)
+        batch_axes: tuple[str, ...] = ()
+        if mesh is not None:
+            batch_axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+        shards = math.prod(mesh.shape[a] for a in batch_axes) if mesh is not None else 1
+        self.micro_chunk = -(-options.micro_chunk // shards) * shards
+        if self.micro_chunk != options.micro_chunk:
+            log.warning("extract.micro_chunk=%d rounded up to %d: a multiple of the %d data shards",
+                        options.micro_chunk, self.micro_chunk, shards)
+        self.batch_axes = batch_axes
+        self.plan = _Plan(graphdef, self.layout, options.reduction,
+                          options.example_reduction if options.keep_example_sketches else None,
+                          options.dim, options.stride, options.seed, mesh, batch_axes,
+                          self._grad_specs(model) if mesh is not None else None)
+
+    def _grad_specs(self, model) -> tuple[PartitionSpec, ...]:
+        """Per-example gradient [C, ...]: examples over the batch axes, parameter dims over tp only (the
+        fsdp axis already shards the examples)."""
+        axes = P.logical_axes(model)
+        out = []
+        for name, shape in zip(self.layout.names, self.layout.shapes):
+            spec = []
+            for dim, logical in zip(shape, axes[name]):
+                rule = LOGICAL_RULES.get(logical) if logical else None
+                rule = (rule,) if isinstance(rule, str) else tuple(rule or ())
+                tp = [a for a in rule if a == "tp" and self.mesh.shape[a] > 1 and dim % self.mesh.shape[a] == 0]
+                spec.append(tp[0] if tp else None)
+            out.append(PartitionSpec(self.batch_axes or None, *spec))
+        return tuple(out)
+
+    def _device_inputs(self, batch: Mapping[str, np.ndarray], chunks: int | None = None):
+        n = int(np.shape(batch["input_ids"])[0])
+        c = self.micro_chunk
+        chunks = max(1, -(-n // c), chunks or 0)
+        pad = chunks * c - n
+
+        def lay(x):
+            x = np.asarray(x)
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+            return x.reshape((chunks, c) + x.shape[1:])
+
+        host = {k: lay(batch[k]) for k in BATCH_KEYS}
+        valid = lay(np.ones(n, np.float32))
+        mode = np.int32(PER_EXAMPLE_CODE[self.options.per_example])
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, host), jnp.asarray(valid), jnp.asarray(mode)
+
+        def put(x):
+            spec = PartitionSpec(*((None, self.batch_axes or None) + (None,) * (x.ndim - 2))[:x.ndim])
+            return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda idx: x[idx])
+
+        return jax.tree.map(put, host), put(valid), put(mode)
+
+    def chunks_for(self, n: int) -> int:
+        return max(1, -(-int(n) // self.micro_chunk))
+
+    def lower(self, n: int, seq_len: int):
+        """The lowered task function for n examples of seq_len tokens (for memory analysis)."""
+        fake = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+        with _mesh_context(self.mesh):
+            return self._fn.lower(self.plan, self.selected, self.rest, *self._device_inputs(fake))
+
+    def trace_jaxpr(self, n: int, seq_len: int):
+        """The task function's jaxpr for n examples of seq_len tokens (to inspect intermediate shapes)."""
+        fake = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+        with _mesh_context(self.mesh):
+            return jax.make_jaxpr(_task_impl, static_argnums=0)(self.plan, self.selected, self.rest,
+                                                              *self._device_inputs(fake))
+
+    def __call__(self, batch: Mapping[str, np.ndarray], task: str = "?", chunks: int | None = None) -> TaskResult:
+        """Extracts one task from its calibration batch dict (arrays [n, S], one example per row).
+        `chunks`: pad to at least this many micro-chunks (tasks of different sizes then share a compilation;
+        the padding chunks are skipped at run time)."""
+        for k in BATCH_KEYS:
+            if k not in batch:
+                raise ValueError(f"task {task!r}: the batch dict has no {k!r}")
+        n = int(np.shape(batch["input_ids"])[0])
+        if n == 0:
+            raise ValueError(f"task {task!r}: no calibration example")
+        empty = np.flatnonzero(np.asarray(batch["loss_mask"]).sum(axis=1) == 0)
+        if empty.size:
+            raise ValueError(f"task {task!r}: calibration example(s) {empty[:5].tolist()} have no supervised "
+                             "token: their loss and gradient are undefined")
+        with _mesh_context(self.mesh):
+            vector, ys = self._fn(self.plan, self.selected, self.rest, *self._device_inputs(batch, chunks))
+        ys = {k: np.asarray(_to_host(v)) for k, v in ys.items()}
+        take = lambda x: x.reshape((-1,) + x.shape[2:])[:n]
+        if self.options.reduction == "full":
+            vector = np.concatenate([np.asarray(_to_host(vector[k])).ravel() for k in self.layout.names])
+        result = TaskResult(np.asarray(_to_host(vector), np.float32), take(ys["loss"]), take(ys["norm"]),
+                            take(ys["tokens"]), take(ys["sketch"]) if "sketch" in ys else None)
+        check_result(result, task, self.options.per_example)
+        return result
+
+
+def _mesh_context(mesh):
+    import contextlib
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _to_host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+
+
+def check_result(result: TaskResult, task: str, per_example: str = "mean") -> None:
+    """Clear errors for gradients that cannot give a direction: NaN/inf anywhere, or all zeros."""
+    bad = np.flatnonzero(~np.isfinite(result.norms) | ~np.isfinite(result.losses))
+    if bad.size:
+        raise FloatingPointError(f"task {task!r}: calibration example(s) {bad[:5].tolist()} give a NaN/inf "
+                                 f"loss or gradient (losses {result.losses[bad[:5]].tolist()})")
+    zero = np.flatnonzero(result.norms == 0)
+    if zero.size and per_example == "unit":
+        raise FloatingPointError(f"task {task!r}: calibration example(s) {zero[:5].tolist()} have a zero "
+                                 "gradient, which extract.per_example=unit cannot normalise")
+    if zero.size:
+        log.warning("task %r: %d calibration example(s) have a zero gradient", task, zero.size)
+    if not np.isfinite(result.vector).all():
+        raise FloatingPointError(f"task {task!r}: its mean gradient holds NaN/inf")
+    if not np.any(result.vector):
+        raise FloatingPointError(f"task {task!r}: its mean gradient is all zeros over the selected parameters "
+                                 "(check extract.include/exclude and the calibration data)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The calibration-stability curve
+# --------------------------------------------------------------------------------------------------
+
+def stability_curve(per_task_cosines: Mapping[str, Mapping[int, np.ndarray]],
+                    sizes: Sequence[int] = STABILITY_SIZES) -> dict[str, Any]:
+    """Aggregates {task: {m: cosines of draws}} to mean ± std per m over all tasks and draws."""
+    curve = {"m": [], "mean": [], "std": [], "tasks": [], "draws": []}
+    for m in sizes:
+        vals = [np.asarray(c[m]) for c in per_task_cosines.values() if m in c]
+        if not vals:
+            continue
+        allv = np.concatenate(vals)
+        curve["m"].append(int(m))
+        curve["mean"].append(float(allv.mean()))
+        curve["std"].append(float(allv.std()))
+        curve["tasks"].append(len(vals))
+        curve["draws"].append(int(allv.size))
+    return curve
+
+
+def task_stability(result: TaskResult, per_example: str, sizes: Sequence[int], draws: int,
+                   seed: int, task: str) -> dict[int, np.ndarray]:
+    """{m: cosines [draws]} for the m in `sizes` with m <= n, from the task's per-example sketches."""
+    if result.example_sketches is None:
+        return {}
+    w = sk.example_weights(per_example, result.norms, result.tokens)
+    rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "little")])
+    return {int(m): sk.stability_cosines(result.example_sketches, w, int(m), draws, rng)
+            for m in sizes if m <= result.n}
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline stage
+# --------------------------------------------------------------------------------------------------
+
+def seq_bucket(length: int, minimum: int = 32) -> int:
+    """Padded sequence length for a task: the next of 32, 48, 64, 96, 128, ... (<= 1.5x padding, and
+    few distinct lengths, so few compilations)."""
+    b = minimum
+    while b < length:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return b
+
+
+def _fingerprint(cfg, theta0: pathlib.Path, mixture_fp: str, names: Sequence[str]) -> str:
+    e = cfg.extract
+    theta0 = pathlib.Path(theta0).resolve()
+    stamps = sorted((p.name, p.stat().st_mtime_ns) for p in theta0.iterdir()) if theta0.is_dir() else []
+    keys = dict(theta0=[str(theta0), stamps], mixture=mixture_fp, names=list(names),
+                options=_options_record(cfg),
+                stability=[list(e.get("stability_sizes", STABILITY_SIZES)), int(e.get("stability_draws", 20))])
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+
+def is_complete(workdir: pathlib.Path) -> bool:
+    from merit_jax.workdir import extract_dir
+    out = extract_dir(workdir)
+    return (out / "tasks.json").is_file() and (out / "task_grads.npy").is_file()
+
+
+def _options_record(cfg) -> dict[str, Any]:
+    """What the outputs depend on besides θ⁰ and the data (stored in tasks.json, compared on skip)."""
+    e = cfg.extract
+    options = dataclasses.asdict(ExtractOptions.from_config(cfg))
+    options.pop("micro_chunk")  # changes memory and speed, not results
+    return {**options, "n_calib": int(e.n_calib), "include": list(e.include), "exclude": list(e.exclude)}
+
+
+def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
+    """The extract stage (see the module docstring). Skipped when extract/tasks.json (written last) and
+    task_grads.npy exist, unless `force`. Returns the tasks.json record.
+
+    Multi-process: every process computes (the task function is one SPMD program); process 0 alone writes,
+    and its view of which tasks are already done is broadcast, so all processes run the same tasks."""
+    from jax.experimental import multihost_utils
+    from tqdm import tqdm
+
+    from merit_jax.data.mixture import load_mixture, load_tokenizer
+    from merit_jax.data.packing import pad_batch
+    from merit_jax.models.io import load_model
+    from merit_jax.sharding import mesh_from_config
+    from merit_jax.workdir import extract_dir, theta0, write_json
+
+    workdir = pathlib.Path(workdir)
+    out = extract_dir(workdir)
+    if is_complete(workdir) and not force:
+        record = json.loads((out / "tasks.json").read_text())
+        if record.get("options") != _options_record(cfg):
+            log.warning("extract: %s was made with options %s, the config now says %s; rerun the stage with "
+                        "force to recompute", out / "tasks.json", record.get("options"), _options_record(cfg))
+        log.info("extract: %s exists, skipping", out / "tasks.json")
+        return record
+    primary = jax.process_index() == 0
+    e = cfg.extract
+    options = ExtractOptions.from_config(cfg)
+    sizes = [int(m) for m in e.get("stability_sizes", STABILITY_SIZES)]
+    draws = int(e.get("stability_draws", 20))
+
+    theta = theta0(cfg, workdir)
+    mesh = mesh_from_config(cfg.mesh)
+    model = load_model(theta, mesh=mesh, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
+                       remat=cfg.model.get("remat", "none"), attention=cfg.model.get("attention", "xla"))
+    tokenizer = load_tokenizer(cfg)
+    mixture = load_mixture(cfg, tokenizer, workdir)
+    names = select_params(list(P.flatten(model)), list(e.include), list(e.exclude))
+    extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=_xla_options(e))
+    vocab = _vocab_size(model)
+    task_names = list(mixture.tasks)
+    n_tasks = len(task_names)
+    for name in task_names:  # every input error before any compute
+        check_calibration(name, mixture.tasks[name].calib, vocab)
+    # every task padded to the largest task's chunk count: one compilation per sequence-length bucket
+    chunks = extractor.chunks_for(max(len(t.calib) for t in mixture.tasks.values()))
+    log.info("extract: %d tasks, %d parameter tensors (%d coordinates), reduction=%s -> d=%d, θ⁰=%s",
+             n_tasks, len(names), extractor.layout.total, options.reduction, extractor.dim, theta)
+
+    # Resumable: rows go to a float32 memmap, each finished task leaves a small json; both are discarded
+    # if anything they depend on changed. tasks.json goes first: the stage is incomplete until the end.
+    partial = out / ".partial"
+    rows_path = partial / "task_grads.npy"
+    rows = None
+    if primary:
+        (out / "tasks.json").unlink(missing_ok=True)
+        fp = _fingerprint(cfg, theta, mixture.fingerprint, names)
+        meta = partial / "meta.json"
+        if partial.exists() and (not meta.is_file() or json.loads(meta.read_text()).get("fingerprint") != fp
+                                 or not rows_path.is_file()):
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        if rows_path.exists():
+            rows = np.load(rows_path, mmap_mode="r+")
+        else:
+            rows = np.lib.format.open_memmap(rows_path, mode="w+", dtype=np.float32, shape=(n_tasks, extractor.dim))
+            write_json(meta, {"fingerprint": fp})
+    done_files = [partial / f"task{t:05d}.json" for t in range(n_tasks)]
+    done = multihost_utils.broadcast_one_to_all(np.array([primary and f.is_file() for f in done_files]))
+
+    records, stats, cosines = [], {}, {}
+    for t, name in enumerate(tqdm(task_names, desc="extract", unit="task", disable=None)):
+        task = mixture.tasks[name]
+        if done[t]:
+            saved = json.loads(done_files[t].read_text()) if primary else None
+            if saved is not None:
+                records.append(saved["record"])
+                stats[name] = saved["stats"]
+                cosines[name] = {int(m): np.asarray(v) for m, v in saved["stability"].items()}
+            continue
+        result = extractor(pad_batch(task.calib, seq_bucket(max(len(ex) for ex in task.calib))), task=name,
+                           chunks=chunks)
+        record = {"name": name, "n_calib": result.n, "train_tokens": int(task.train_tokens),
+                  "family": task.family, "calib_tokens": int(result.tokens.sum()),
+                  "loss_mean": float(result.losses.mean()), "grad_norm_mean": float(result.norms.mean()),
+                  "mean_grad_norm": float(np.linalg.norm(result.vector.astype(np.float64)))}
+        stats[name] = {"grad_norm": result.norms.tolist(), "loss": result.losses.tolist(),
+                       "tokens": result.tokens.astype(int).tolist()}
+        cosines[name] = task_stability(result, options.per_example, sizes, draws, options.seed, name)
+        records.append(record)
+        if primary:
+            rows[t] = result.vector
+            rows.flush()
+            write_json(done_files[t], {"record": record, "stats": stats[name],
+                                       "stability": {str(m): v.tolist() for m, v in cosines[name].items()}})
+
+    curve = stability_curve(cosines, sizes)
+    record = {"reduction": options.reduction, "dim": extractor.dim, "per_example": options.per_example,
+              "theta0": str(theta), "options": _options_record(cfg),
+              "params": {"tensors": len(names), "coordinates": extractor.layout.total, "names": names},
+              "tasks": records}
+    if not primary:
+        return record
+    gram = sk.gram_blockwise(rows, block=max(1, (256 << 20) // (8 * n_tasks)))
+    del rows
+    os.replace(rows_path, out / "task_grads.npy")
+    _write_npy(out / "gram.npy", gram)
+    write_json(out / "example_norms.json", stats)
+    write_json(out / "stability.json", {
+        **curve, "draws_per_task": draws, "per_example": options.per_example,
+        "space": f"{options.example_reduction} d={extractor.example_dim}",
+        "reference": "weighted mean of all n calibration examples of the task (m = n gives 1 by construction)",
+        "per_task": {k: {str(m): float(np.mean(v)) for m, v in c.items()} for k, c in cosines.items()}})
+    write_json(out / "tasks.json", record)  # last: its presence marks the stage complete
+    shutil.rmtree(partial, ignore_errors=True)
+    if curve["m"]:
+        log.info("extract: calibration stability %s", ", ".join(
+            f"m={m}: {mu:.3f}±{sd:.3f}" for m, mu, sd in zip(curve["m"], curve["mean"], curve["std"])))
+    return record
+
+
+def check_calibration(task: str, examples: Sequence[Any], vocab_size: int) -> None:
+    """Clear errors before any compute: no calibration example, an example without a supervised token,
+    a token id the model cannot embed."""
+    if not examples:
+        raise ValueError(f"task {task!r}: no calibration example; every task needs at least one "
+                         "(check the task's records and data.max_len / data.truncation)")
+    for i, ex in enumerate(examples):
+        if not np.any(ex.loss_mask):
+            raise ValueError(f"task {task!r}: calibration example {i} has no supervised token")
+        top = int(np.max(ex.input_ids))
+        if top >= vocab_size:
+            raise ValueError(f"task {task!r}: calibration example {i} holds token id {top} >= the model's "
+                             f"vocab_size {vocab_size} (tokenizer and θ⁰ do not match)")
+
+
+def _xla_options(e) -> dict[str, Any]:
+    """extract.xla_options: per-jit XLA compiler options (as train.xla_options), {} by default."""
+    options = e.get("xla_options", None) or {}
+    return dict(options.items()) if hasattr(options, "items") else dict(options)
+
+
+def _vocab_size(model) -> int:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "vocab_size"):
+        return int(cfg.vocab_size)
+    emb = [v for k, v in P.specs(model).items() if k.endswith("embed_tokens/embedding")]
+    return int(emb[0][0][0]) if emb else 2 ** 31
+
+
+def _write_npy(path: pathlib.Path, array: np.ndarray) -> None:
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
