@@ -89,6 +89,12 @@ def get_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.eval_every = 0  # 0: only at the end
   t.log_every = 10
+  t.min_lr_ratio = 0.0  # the schedule decays to learning_rate * min_lr_ratio
+  t.no_decay = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)embed_tokens/embedding$")  # no weight decay
+  t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8
+  t.momentum = 0.9  # sgd
+  t.batch_tokens = 0  # >0: global batch given in tokens (rows = batch_tokens // seq_len) instead of batch_size
+  t.eval_batch_size = 0  # 0: batch_size
 
   # --- merge ---------------------------------------------------------------------------------------
   c.merge = g = ml_collections.ConfigDict()

@@ -26,7 +26,7 @@ CHOICES = {
 }
 POSITIVE = ("data.max_len", "extract.n_calib", "extract.micro_chunk", "extract.dim", "extract.stride",
             "train.batch_size", "train.seq_len", "train.grad_accum", "train.learning_rate", "train.epochs",
-            "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+            "train.keep_checkpoints", "train.log_every")
 BASELINES = ("joint", "joint2", "random", "conflict", "uniform")
 
 
