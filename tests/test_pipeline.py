@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 SMALL = [  # the default config, smaller: same stages, fewer examples and steps
     "--config.data.synthetic.examples_per_task=48", "--config.basin.steps=16", "--config.extract.n_calib=12",
     "--config.extract.dim=512", "--config.train.batch_size=8", "--config.train.checkpoint_every=1",
@@ -28,8 +29,7 @@ SMALL = [  # the default config, smaller: same stages, fewer examples and steps
 def run_main(workdir, *extra, check=True, env=None):
     cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/default.py", "--workdir", str(workdir),
            *SMALL, *extra]
-    env = dict(os.environ, **(env or {}))
-    env.pop("XLA_FLAGS", None)  # the pipeline runs on one CPU device, as on a user's laptop
+    env = dict(os.environ, **(env or {}), XLA_FLAGS=FAST_COMPILE)  # one CPU device, as on a user's laptop
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -102,8 +102,7 @@ def test_killed_training_resumes_to_the_same_merged_parameters(default_run, tmp_
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, w / part)
     cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/default.py", "--workdir", str(w), *SMALL,
            "--stage", "train"]
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
