@@ -2,8 +2,8 @@
 
     python -m merit_jax.main --config configs/default.py [--workdir DIR] [--config.KEY=VALUE ...]
 
-Every other config in configs/ starts from this one and overrides what differs; the meaning of each key is
-documented next to it here and in docs/CONFIG.md.
+Every other config in configs/ starts from this one and overrides what differs; each key is documented next
+to it here, and the stages' docs (docs/*.md) say more.
 """
 
 import ml_collections

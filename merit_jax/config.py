@@ -89,19 +89,13 @@ def validate(cfg, stage: str = "all", branch: int | None = None) -> None:
 
 
 def _mesh_errors(cfg) -> list[str]:
-    from merit_jax.sharding import make_mesh
+    """The trainer's own checks (mesh vs devices, batch vs data axes, grad_accum, batch_tokens), run early."""
+    from merit_jax.train import TrainSettings, mesh_for
 
     try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tp)
+        TrainSettings.from_cfg(cfg).validate(mesh_for(cfg))
     except ValueError as e:
         return [str(e)]
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
-    if batch % accum:
-        return [f"train.batch_size={batch} is not divisible by train.grad_accum={accum}"]
-    if (batch // accum) % dp:
-        return [f"train.batch_size/grad_accum={batch // accum} is not divisible by the data-parallel size "
-                f"data*fsdp={dp} (mesh {dict(mesh.shape)} over {jax.device_count()} devices)"]
     return []
 
 

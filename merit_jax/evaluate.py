@@ -23,9 +23,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from merit_jax import checkpoint, diagnostics, losses
+from merit_jax import checkpoint, diagnostics, losses, merge
 from merit_jax import workdir as wd
-from merit_jax.config import num_groups
 from merit_jax.data import packing
 from merit_jax.data.mixture import load_mixture, load_tokenizer
 from merit_jax.models import params as P
@@ -34,6 +33,7 @@ from merit_jax.models.io import load_model
 
 log = logging.getLogger(__name__)
 RESULTS = "evaluate/results.json"
+DIAGNOSED = ("theta0", "merit", "joint", "joint2")  # models the merge diagnostics look at (with the branches)
 
 
 # ------------------------------------------------------------------------------------------- baselines
@@ -64,7 +64,7 @@ def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
     if checkpoint.is_checkpoint(out):
         return out
     if name == "uniform":
-        branches = [wd.branch_final(workdir, k) for k in range(num_groups(cfg))]
+        branches = [wd.branch_final(workdir, k) for k in range(len(wd.read_partition(workdir)["groups"]))]
         return merge.merge_checkpoints(branches, out, method="uniform", overwrite=True)
     sub = baseline_config(cfg, workdir, name)
     if not (sub_dir / "extract" / "tasks.json").exists():  # the split reads the main run's gradients
@@ -171,7 +171,7 @@ class Evaluator:
 
 def models_to_evaluate(cfg, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
     models = {"theta0": wd.theta0(cfg, workdir)}
-    k = num_groups(cfg)
+    k = len(wd.read_partition(workdir)["groups"])
     if k > 1:
         models.update({f"branch{i}": wd.branch_final(workdir, i) for i in range(k)})
     models["merit"] = wd.merged_dir(workdir)
@@ -201,8 +201,10 @@ def run(cfg, workdir: pathlib.Path) -> dict:
     flats = {}
     results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()}}
     for name, path in tqdm(models.items(), desc="evaluate", unit="model"):
-        flats[name] = load_flat(path)
-        results["models"][name] = dict(ev.evaluate(flats[name]), path=str(path))
+        flat = load_flat(path)
+        results["models"][name] = dict(ev.evaluate(flat), path=str(path))
+        if name in DIAGNOSED or name.startswith("branch"):  # only these are needed again, by the diagnostics
+            flats[name] = flat
         log.info("evaluate %-8s held-out loss %.4f  exact match %.3f", name,
                  results["models"][name]["mean_loss"], results["models"][name]["mean_accuracy"])
     results["diagnostics"] = merge_diagnostics(cfg, workdir, ev, flats)
@@ -217,8 +219,7 @@ def merge_diagnostics(cfg, workdir, ev: Evaluator, flats: dict) -> dict:
     loss = ev.mean_loss
     out: dict = {}
     if branches:
-        part = wd.read_partition(workdir)
-        w = np.asarray(part["weights"], np.float64)
+        w = np.asarray(wd.read_json(wd.merged_dir(workdir) / merge.MERGE_INFO_FILE)["weights"], np.float64)
         ends = {"theta0": theta0, **{b: flats[b] for b in branches}}
         names = list(ends)
         alphas = np.linspace(0.0, 1.0, int(cfg.evaluate.lmc_points))
@@ -237,14 +238,9 @@ def merge_diagnostics(cfg, workdir, ev: Evaluator, flats: dict) -> dict:
     key = jax.random.key(int(cfg.seed))
     out["noise"] = {}
     for n in ("merit", "joint"):
-        if n not in flats:
-            continue
-        rows = {}
-        for sigma in cfg.evaluate.noise_sigmas:
-            vals = []
-            for _ in range(int(cfg.evaluate.noise_draws)):
-                key, sub = jax.random.split(key)
-                vals.append(loss(diagnostics.add_relative_noise(flats[n], float(sigma), sub)))
-            rows[str(sigma)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
-        out["noise"][n] = {"clean": loss(flats[n]), "sigmas": rows}
+        if n in flats:
+            rob = diagnostics.noise_robustness(loss, flats[n], list(cfg.evaluate.noise_sigmas),
+                                               int(cfg.evaluate.noise_draws), key)
+            out["noise"][n] = {"clean": rob["clean"], "sigmas": {
+                str(s): {"mean": v["mean"], "std": v["std"]} for s, v in rob["by_sigma"].items()}}
     return out

@@ -10,14 +10,15 @@ Each stage skips what it finds finished and resumes what it finds interrupted.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import pathlib
 import sys
 import time
 
+import jax
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from merit_jax import config as config_lib
@@ -45,10 +46,12 @@ def run_stage(name: str, cfg, workdir: pathlib.Path, branch: int | None = None) 
     start = time.time()
     log.info("stage %s: start", name)
     module.run(cfg, workdir, **kwargs)
+    # Every process finishes a stage before any starts the next (process 0 alone writes some outputs).
+    multihost_utils.sync_global_devices(f"merit_jax stage {name}")
     log.info("stage %s: done in %.1fs", name, time.time() - start)
-    timings = wd.stage_timings(workdir)
-    timings[name if branch is None else f"{name}[{branch}]"] = round(time.time() - start, 2)
-    wd.write_json(workdir / "timings.json", timings)
+    if jax.process_index() == 0:  # one file per branch job: parallel branch jobs never race on one file
+        key = name if branch is None else f"{name}-{branch}"
+        wd.write_json(workdir / "timings" / f"{key}.json", {"stage": key, "seconds": round(time.time() - start, 2)})
 
 
 def main(argv) -> int:
@@ -71,7 +74,7 @@ def main(argv) -> int:
     try:
         for name in stages_to_run(cfg, _STAGE.value):
             run_stage(name, cfg, workdir, _BRANCH.value)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         if os.environ.get("MERIT_DEBUG"):
             raise
         print(f"error: {e}\n(set MERIT_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -81,12 +81,19 @@ def write_json(path: Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def stage_timings(workdir: Path) -> dict:
-    f = Path(workdir) / "timings.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+def stage_timings(workdir: Path) -> dict[str, float]:
+    """{stage: seconds} of the stages run in `workdir` (main writes one file per stage / branch job)."""
+    rows = [json.loads(f.read_text()) for f in sorted((Path(workdir) / "timings").glob("*.json"))]
+    return {r["stage"]: r["seconds"] for r in rows}

@@ -82,7 +82,10 @@ def test_sampling_is_seeded(tmp_path):
     ids, mask = left_pad([[1, 2, 3]])
     a = generate(ours, ids, mask, max_new_tokens=8, temperature=1.0, top_k=20, seed=4)
     b = generate(ours, ids, mask, max_new_tokens=8, temperature=1.0, top_k=20, seed=4)
+    c = generate(ours, ids, mask, max_new_tokens=8, temperature=1.0, top_k=20, seed=5)
+    greedy = generate(ours, ids, mask, max_new_tokens=8)
     np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, greedy)
     assert a.min() >= 0 and a.max() < 97
 
 

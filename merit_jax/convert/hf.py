@@ -22,12 +22,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from merit_jax import checkpoint
 from merit_jax.models import params as P
 from merit_jax.models.config import ModelConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-                   "preprocessor_config.json", "video_preprocessor_config.json")
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -107,7 +105,7 @@ class HFTensors:
         return sl[index] if index is not None else sl[:]
 
 
-def load_hf_params_fetch(tensors: HFTensors, tied: bool):
+def load_hf_params_fetch(tensors: HFTensors):
     """A `fetch(name, shape, dtype, index)` for `params.create_from_arrays` reading from HF tensors."""
 
     def fetch(name, shape, dtype, index):
@@ -152,7 +150,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, compu
     make = model_factory(hf_cfg, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
                          attention=attention)
     tensors = HFTensors(path)
-    model = P.create_from_arrays(make, mesh, load_hf_params_fetch(tensors, hf_cfg.get("tie_word_embeddings")),
+    model = P.create_from_arrays(make, mesh, load_hf_params_fetch(tensors),
                                  what=str(path))
     return model
 
@@ -211,18 +209,14 @@ def write_hf_dir(out: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray
             index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[f] for k, f in weight_map.items()}}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
         if tokenizer_dir:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+            checkpoint.copy_tokenizer_files(tokenizer_dir, tmp)
         cfg = dict(hf_cfg, dtype=dtype_name)
         cfg.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if not (tmp / "generation_config.json").exists():
             gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        checkpoint.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
