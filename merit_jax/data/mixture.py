@@ -1,0 +1,169 @@
+"""The task mixture: tokenised examples per task, held-out and calibration splits, supervised token counts.
+
+    tokenizer = load_tokenizer(cfg)
+    mixture = load_mixture(cfg, tokenizer, workdir)
+    mixture.tasks["reverse"].train / .heldout / .calib / .train_tokens / .family
+"""
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+import zlib
+
+import numpy as np
+
+from merit_jax.data import sources as src
+from merit_jax.data.records import DataError
+from merit_jax.data.tokenize import ChatEncoder, Example, truncate
+
+log = logging.getLogger(__name__)
+_CHUNK = 1024  # records tokenised per batch call
+_VERSION = 1  # bump when the tokenisation or split rules change: invalidates cached counts
+
+
+@dataclasses.dataclass(eq=False)
+class TaskData:
+    name: str
+    train: list[Example]
+    heldout: list[Example]
+    calib: list[Example]  # drawn from train
+    train_tokens: int  # supervised tokens of the train split, after truncation
+    family: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Mixture:
+    tasks: dict[str, TaskData]  # ordered by name
+    stats: dict  # {"records", "truncated", "skipped"}: each {task: count}
+    fingerprint: str
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks)
+
+    def train_examples(self, names=None) -> list[Example]:
+        """The train examples of the named tasks (all tasks by default), tasks in name order."""
+        return [ex for name in sorted(names or self.tasks) for ex in self.tasks[name].train]
+
+    def train_tokens(self) -> dict[str, int]:
+        return {name: t.train_tokens for name, t in self.tasks.items()}
+
+
+def load_tokenizer(cfg):
+    """AutoTokenizer from cfg.data.tokenizer, else cfg.model.hf_path, else the synthetic mixture's."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(src.tokenizer_dir(cfg))
+
+
+def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
+    """Reads, tokenises, truncates and splits every task of cfg.data; writes the token-count cache."""
+    d = cfg.data
+    max_len, mode = int(d.max_len), d.get("truncation", "left")
+    sources, families = src.resolve(cfg, workdir)
+    encoder = ChatEncoder(tokenizer)
+    by_task = collections.defaultdict(list)  # task -> [(record index in task, Example)]
+    stats = {k: collections.Counter() for k in ("records", "truncated", "skipped")}
+
+    def flush(buffer):
+        for r, ex in zip(buffer, encoder.encode(buffer)):
+            ex, action = truncate(ex, max_len, mode)
+            if action != "kept":
+                stats[action][r.task] += 1
+            if ex is not None:
+                by_task[r.task].append((stats["records"][r.task], ex))
+            stats["records"][r.task] += 1
+
+    buffer = []
+    for record in src.iter_records(sources, d.get("image_root", "")):
+        buffer.append(record)
+        if len(buffer) == _CHUNK:
+            flush(buffer)
+            buffer = []
+    flush(buffer)
+
+    tasks = {}
+    for name in sorted(stats["records"]):
+        if not by_task[name]:
+            raise DataError(f"task '{name}': all {stats['records'][name]} examples were skipped by the truncation "
+                            f"rule (data.max_len={max_len}, data.truncation={mode})")
+        tasks[name] = _split_task(name, by_task[name], stats["records"][name], cfg, families.get(name))
+    _log_stats(stats, max_len, mode)
+    stats = {k: dict(sorted(v.items())) for k, v in stats.items()}
+    mixture = Mixture(tasks, stats, fingerprint(cfg, tokenizer, sources))
+    if workdir is not None:
+        _write_counts(workdir, mixture)
+    return mixture
+
+
+def _split_task(name, indexed, n_records, cfg, family):
+    """Held-out = a seeded draw of record indices (independent of tokenizer and max_len); calib from train."""
+    d, seed = cfg.data, int(cfg.data.get("seed", 0))
+    n_held = min(int(d.get("heldout_max", 64)), int(float(d.get("heldout_fraction", 0.1)) * n_records),
+                 n_records - 1)
+    task_key = zlib.crc32(name.encode())
+    held = set(np.random.default_rng([seed, task_key, 0]).permutation(n_records)[:n_held].tolist())
+    train = [ex for i, ex in indexed if i not in held]
+    heldout = [ex for i, ex in indexed if i in held]
+    if not train:
+        raise DataError(f"task '{name}': no training example left after the held-out split and truncation")
+    n_calib = int(cfg.get("extract", {}).get("n_calib", 200))
+    if len(train) < n_calib:
+        log.warning("task '%s': %d training examples < extract.n_calib=%d; calibrating on all of them",
+                    name, len(train), n_calib)
+    pick = np.random.default_rng([seed, task_key, 1]).permutation(len(train))[:n_calib]
+    calib = [train[i] for i in sorted(pick.tolist())]
+    tokens = sum(ex.supervised_tokens for ex in train)
+    return TaskData(name, train, heldout, calib, tokens, family)
+
+
+def _log_stats(stats, max_len, mode):
+    for action in ("truncated", "skipped"):
+        total = sum(stats[action].values())
+        if total:
+            log.warning("%d examples %s by data.truncation=%s at data.max_len=%d: %s", total, action, mode, max_len,
+                        dict(stats[action]))
+
+
+def fingerprint(cfg, tokenizer, sources) -> str:
+    """Hash of what the token counts depend on: source files (path, size, mtime), tokenizer, rules."""
+    h = hashlib.sha256()
+    d = cfg.data
+    rules = dict(version=_VERSION, max_len=int(d.max_len), truncation=d.get("truncation", "left"),
+                 heldout_fraction=float(d.get("heldout_fraction", 0.1)), heldout_max=int(d.get("heldout_max", 64)),
+                 seed=int(d.get("seed", 0)), image_root=str(d.get("image_root", "")))
+    h.update(json.dumps(rules, sort_keys=True).encode())
+    for s in sources:
+        h.update(f"{s.path.resolve()}|{s.task}".encode())
+        for path in src.expand(s.path):
+            for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                st = f.stat()
+                h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(str(tokenizer.chat_template).encode())
+    return h.hexdigest()
+
+
+def _counts_path(workdir, fp):
+    return pathlib.Path(workdir) / "data" / f"train_tokens-{fp[:16]}.json"
+
+
+def _write_counts(workdir, mixture):
+    path = _counts_path(workdir, mixture.fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = dict(fingerprint=mixture.fingerprint, train_tokens=mixture.train_tokens(), stats=mixture.stats)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def train_token_counts(cfg, tokenizer, workdir) -> dict[str, int]:
+    """{task: supervised train tokens}, from WORKDIR/data/ when cached for these sources, tokenizer and rules."""
+    sources, _ = src.resolve(cfg, workdir)
+    path = _counts_path(workdir, fingerprint(cfg, tokenizer, sources))
+    if path.exists():
+        return json.loads(path.read_text())["train_tokens"]
+    return load_mixture(cfg, tokenizer, workdir).train_tokens()
