@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- basin: short joint pre-alignment giving a merge-ready θ⁰ --------------------------------------
   c.basin = b = ml_collections.ConfigDict()
   b.enabled = True
-  b.steps = 300
+  b.steps = 150  # short: a shared basin, not a converged model (see docs/RESULTS.md)
   b.learning_rate = 3e-3
 
   # --- extract: dataset-level gradients at θ⁰ -------------------------------------------------------
