@@ -96,14 +96,9 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 def write_json_atomic(path: PathLike, obj: Any) -> None:
     """Writes json to `path` via a temporary file and rename (a reader never sees half a file)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from merit_jax.workdir import write_json
+
+    write_json(path, obj, sort_keys=True)
 
 
 def copy_tokenizer_files(src_dir: PathLike, dst_dir: PathLike) -> list[str]:

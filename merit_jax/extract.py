@@ -35,6 +35,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from merit_jax import sketch as sk
+from merit_jax import workdir as wd
+from merit_jax.convert.hf import to_host
 from merit_jax.losses import per_example_losses
 from merit_jax.models import params as P
 from merit_jax.sharding import LOGICAL_RULES
@@ -346,11 +348,11 @@ class TaskExtractor:
                              "token: their loss and gradient are undefined")
         with _mesh_context(self.mesh):
             vector, ys = self._fn(self.plan, self.selected, self.rest, *self._device_inputs(batch, chunks))
-        ys = {k: np.asarray(_to_host(v)) for k, v in ys.items()}
+        ys = {k: np.asarray(to_host(v)) for k, v in ys.items()}
         take = lambda x: x.reshape((-1,) + x.shape[2:])[:n]
         if self.options.reduction == "full":
-            vector = np.concatenate([np.asarray(_to_host(vector[k])).ravel() for k in self.layout.names])
-        result = TaskResult(np.asarray(_to_host(vector), np.float32), take(ys["loss"]), take(ys["norm"]),
+            vector = np.concatenate([np.asarray(to_host(vector[k])).ravel() for k in self.layout.names])
+        result = TaskResult(np.asarray(to_host(vector), np.float32), take(ys["loss"]), take(ys["norm"]),
                             take(ys["tokens"]), take(ys["sketch"]) if "sketch" in ys else None)
         check_result(result, task, self.options.per_example)
         return result
@@ -361,11 +363,6 @@ def _mesh_context(mesh):
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
-def _to_host(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(x, tiled=True)
-    return jax.device_get(x)
 
 
 def check_result(result: TaskResult, task: str, per_example: str = "mean") -> None:
@@ -468,7 +465,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.packing import pad_batch
     from merit_jax.models.io import load_model
-    from merit_jax.sharding import mesh_from_config
+    from merit_jax.train import mesh_for
     from merit_jax.workdir import extract_dir, theta0, write_json
 
     workdir = pathlib.Path(workdir)
@@ -487,7 +484,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     draws = int(e.get("stability_draws", 20))
 
     theta = theta0(cfg, workdir)
-    mesh = mesh_from_config(cfg.mesh)
+    mesh = mesh_for(cfg)
     model = load_model(theta, mesh=mesh, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                        remat=cfg.model.get("remat", "none"), attention=cfg.model.get("attention", "xla"))
     tokenizer = load_tokenizer(cfg)
@@ -561,7 +558,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     gram = sk.gram_blockwise(rows, block=max(1, (256 << 20) // (8 * n_tasks)))
     del rows
     os.replace(rows_path, out / "task_grads.npy")
-    _write_npy(out / "gram.npy", gram)
+    wd.write_npy(out / "gram.npy", gram)
     write_json(out / "example_norms.json", stats)
     write_json(out / "stability.json", {
         **curve, "draws_per_task": draws, "per_example": options.per_example,
@@ -605,9 +602,3 @@ def _vocab_size(model) -> int:
     return int(emb[0][0][0]) if emb else 2 ** 31
 
 
-def _write_npy(path: pathlib.Path, array: np.ndarray) -> None:
-    import tempfile
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)

@@ -54,10 +54,6 @@ def make_mesh(data: int = 1, fsdp: int = -1, tp: int = 1, devices: Sequence[jax.
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def mesh_from_config(mesh_cfg) -> Mesh:
-    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tp)
-
-
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None) -> P:
     """PartitionSpec for logical axes; with `shape` and `mesh`, dims the mesh axis does not divide stay whole."""

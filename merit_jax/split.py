@@ -15,14 +15,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import pathlib
-import tempfile
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from merit_jax import workdir as wd
 
 log = logging.getLogger(__name__)
 
@@ -523,26 +523,7 @@ def family_separation(groups: Sequence[Sequence[int]], families: Sequence[Any], 
 # The pipeline stage
 # --------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: pathlib.Path, write: Any, mode: str = "wb") -> None:
-    """Writes through a temp file in the same directory, then renames: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: pathlib.Path, obj: Any) -> None:
-    _atomic_write(pathlib.Path(path), lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
-
-
-def write_npy(path: pathlib.Path, array: np.ndarray) -> None:
-    _atomic_write(pathlib.Path(path), lambda f: np.save(f, array))
+write_json, write_npy = wd.write_json, wd.write_npy  # atomic (temp file + rename)
 
 
 def load_tasks(path: pathlib.Path) -> list[dict[str, Any]]:

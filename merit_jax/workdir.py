@@ -6,7 +6,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 Path = pathlib.Path
 
@@ -76,21 +76,30 @@ def read_partition(workdir: Path) -> dict:
     return part
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic: a temp file in the same directory, then os.replace."""
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Writes through a temp file in the same directory (fsync'd), then renames: no reader sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj: Any, sort_keys: bool = False) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"))
+
+
+def write_npy(path: Path, array) -> None:
+    import numpy as np
+
+    atomic_write(path, lambda f: np.save(f, array), mode="wb")
 
 
 def stage_timings(workdir: Path) -> dict[str, float]:
