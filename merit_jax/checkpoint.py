@@ -162,11 +162,11 @@ def is_checkpoint(path: PathLike) -> bool:
 
 
 def check_checkpoint(path: PathLike) -> pathlib.Path:
-    """Returns `path` as a Path, or raises CheckpointError naming the path and what is missing."""
+    """Returns `path` as an absolute Path (Orbax needs one), or raises CheckpointError naming what is missing."""
     problem = checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(problem)
-    return pathlib.Path(path)
+    return pathlib.Path(path).absolute()
 
 
 def read_hf_config(path: PathLike) -> dict:

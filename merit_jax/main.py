@@ -64,7 +64,7 @@ def main(argv) -> int:
 
     distributed.initialize()
     cfg = _CONFIG.value
-    workdir = pathlib.Path(_WORKDIR.value or cfg.workdir)
+    workdir = pathlib.Path(_WORKDIR.value or cfg.workdir).absolute()
     try:
         config_lib.validate(cfg, stage=_STAGE.value, branch=_BRANCH.value)
     except ValueError as e:

@@ -190,3 +190,12 @@ def test_clear_errors_for_non_checkpoints(tmp_path):
     (ckpt / "merit_jax.json").write_text('{"format": "other"}')
     with pytest.raises(checkpoint.CheckpointError, match="format"):
         checkpoint.check_checkpoint(ckpt)
+
+
+def test_relative_paths_work(tmp_path, monkeypatch):
+    """A user's `--workdir workdir/default` is relative; Orbax itself needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    params = {"model/norm/scale": np.arange(4, dtype=np.float32)}
+    checkpoint.save("rel/ckpt", params, {"model_type": "qwen2"})
+    assert checkpoint.tensor_specs("rel/ckpt") == {"model/norm/scale": ((4,), np.dtype(np.float32))}
+    np.testing.assert_array_equal(checkpoint.load("rel/ckpt")["model/norm/scale"], params["model/norm/scale"])
