@@ -27,8 +27,9 @@ SMALL = [  # the default config, smaller: same stages, fewer examples and steps
 
 
 def run_main(workdir, *extra, check=True, env=None):
-    cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/default.py", "--workdir", str(workdir),
-           *SMALL, *extra]
+    # relative, as in the README's command
+    cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/default.py", "--workdir",
+           os.path.relpath(workdir, ROOT), *SMALL, *extra]
     env = dict(os.environ, **(env or {}), XLA_FLAGS=FAST_COMPILE)  # one CPU device, as on a user's laptop
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
