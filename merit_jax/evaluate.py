@@ -199,7 +199,12 @@ def run(cfg, workdir: pathlib.Path) -> dict:
     ev = Evaluator(template, mixture, tokenizer, max_len=cfg.data.max_len,
                    batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens)
     flats = {}
-    results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()}}
+    results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()},
+               "data": {"records": mixture.stats["records"], "truncated": mixture.stats["truncated"],
+                        "skipped": mixture.stats["skipped"], "max_len": int(cfg.data.max_len),
+                        "truncation": cfg.data.truncation,
+                        "train_examples": {n: len(t.train) for n, t in mixture.tasks.items()},
+                        "heldout_examples": {n: len(t.heldout) for n, t in mixture.tasks.items()}}}
     for name, path in tqdm(models.items(), desc="evaluate", unit="model"):
         flat = load_flat(path)
         results["models"][name] = dict(ev.evaluate(flat), path=str(path))

@@ -78,6 +78,7 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
             shutil.copy2(wd.split_dir(workdir) / png, out / png)
             md += ["", f"![{png}]({png})"]
 
+    md += data_section(results.get("data"))
     md += ["", "## Results (exact match / held-out loss per task)", ""] + results_table(results)
     means = {m: r["mean_accuracy"] for m, r in results["models"].items()}
     plots.bar_plot(means, out / "accuracy.png", ylabel="mean exact match (held-out)")
@@ -104,6 +105,18 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
     (out / "report.md").write_text("\n".join(md) + "\n")
     log.info("report: %s", out / "report.md")
     return out / "report.md"
+
+
+def data_section(data: dict | None) -> list[str]:
+    """Per task: records read, train / held-out examples, and what the truncation rule changed."""
+    if not data:
+        return []
+    md = ["", "## Data", "", f"Truncation rule: `{data['truncation']}` at {data['max_len']} tokens.", "",
+          "| task | records | train | held-out | truncated | skipped |", "|---|---|---|---|---|---|"]
+    for task, n in sorted(data["records"].items()):
+        md.append(f"| {task} | {n} | {data['train_examples'].get(task, 0)} | {data['heldout_examples'].get(task, 0)}"
+                  f" | {data['truncated'].get(task, 0)} | {data['skipped'].get(task, 0)} |")
+    return md
 
 
 def diagnostics_section(diag: dict, out: pathlib.Path) -> list[str]:

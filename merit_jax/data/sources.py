@@ -31,7 +31,7 @@ def synthetic_dir(cfg, workdir=None) -> pathlib.Path:
     seed, n = syn.get("seed", 0), syn.get("examples_per_task", 240)
     if workdir is None:
         return synthetic.write_mixture(tempfile.mkdtemp(prefix="merit_synthetic_"), seed, n)
-    out = pathlib.Path(workdir) / "data" / f"synthetic-s{seed}-n{n}"
+    out = pathlib.Path(workdir) / "data" / f"synthetic-v{synthetic.VERSION}-s{seed}-n{n}"
     if not (out / "families.json").exists():  # families.json is written last: its presence means complete
         synthetic.write_mixture(out, seed, n)
     return out
@@ -50,6 +50,9 @@ def resolve(cfg, workdir=None) -> tuple[list[Source], dict[str, str]]:
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise rec.DataError(f"data.tasks: duplicate task name(s) {dups}")
+        absent = [f"{e['name']} ({e['path']})" for e in entries if not pathlib.Path(e["path"]).exists()]
+        if absent:
+            raise rec.DataError(f"data.tasks: task file(s) do not exist: {absent}")
         sources = [Source(pathlib.Path(e["path"]), e["name"]) for e in entries]
         return sources, {e["name"]: e["family"] for e in entries if e.get("family")}
     path = pathlib.Path(cfg.data.get("path", "") or synthetic_dir(cfg, workdir))
