@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     e.n_calib = 200  # paper: 200 calibration examples per task
     e.micro_chunk = 4
     e.exclude = ("embed_tokens", "lm_head", "^visual/")  # language model only
+    e.keep_example_sketches = False  # a per-example pass over P each; only the stability curve needs them
 
     c.split.depth = 3  # K = 8 groups (the paper's best VL-3B row)
 

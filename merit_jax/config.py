@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import re
 
@@ -99,6 +100,26 @@ def _mesh_errors(cfg) -> list[str]:
     return []
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def save_resolved(cfg, workdir: pathlib.Path) -> None:
-    if jax.process_index() == 0:
-        wd.write_json(pathlib.Path(workdir) / "config.json", json.loads(cfg.to_json_best_effort()))
+    """Writes WORKDIR/config.json; warns when it differs from the config the work directory was made with
+    (finished stages are skipped, so their outputs would not follow the change)."""
+    if jax.process_index() != 0:
+        return
+    path = pathlib.Path(workdir) / "config.json"
+    new = json.loads(cfg.to_json_best_effort())
+    if path.is_file():
+        old = _flat(json.loads(path.read_text()))
+        changed = {k: (old.get(k), v) for k, v in _flat(new).items() if old.get(k) != v and k != "workdir"}
+        if changed:
+            logging.getLogger("merit_jax").warning(
+                "config differs from the one %s was made with: %s. Finished stages are skipped and keep their "
+                "outputs; delete the outputs of the stages these keys affect to redo them.", workdir,
+                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
+    wd.write_json(path, new)

@@ -36,6 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from merit_jax import checkpoint
+from merit_jax import workdir as wd
 
 logger = logging.getLogger(__name__)
 
@@ -912,7 +913,7 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
             raise MergeInputError(f"{workdir / 'split' / 'partition.json'} has neither tokens nor weights")
     base = None
     if method in RELATIVE_METHODS:
-        base = mcfg.get("base", "") or workdir / "basin"
+        base = mcfg.get("base", "") or wd.theta0(cfg, workdir)
         if not checkpoint.is_checkpoint(base):
             raise MergeInputError(
                 f"method {method!r} needs θ⁰ as a merit_jax checkpoint: {base} is not one "
