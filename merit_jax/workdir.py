@@ -17,7 +17,7 @@ def basin_dir(workdir: Path) -> Path:
 
 def theta0(cfg, workdir: Path) -> Path:
     """θ⁰: the basin stage's output when enabled, else the configured pretrained checkpoint."""
-    if cfg.basin.enabled:
+    if cfg.get("basin", {}).get("enabled", True):
         return basin_dir(workdir)
     if not cfg.model.hf_path:
         raise ValueError("config: model.hf_path is empty and basin.enabled is False: there is no θ⁰ "
