@@ -10,10 +10,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import pathlib
 import zlib
 
 import numpy as np
+from tqdm import tqdm
 
 from merit_jax.data import sources as src
 from merit_jax.data.records import DataError
@@ -78,7 +80,8 @@ def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
             stats["records"][r.task] += 1
 
     buffer = []
-    for record in src.iter_records(sources, d.get("image_root", "")):
+    records = src.iter_records(sources, d.get("image_root", ""))
+    for record in tqdm(records, desc="tokenise", unit=" records", mininterval=5, leave=False):
         buffer.append(record)
         if len(buffer) == _CHUNK:
             flush(buffer)
@@ -92,6 +95,11 @@ def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
                             f"rule (data.max_len={max_len}, data.truncation={mode})")
         tasks[name] = _split_task(name, by_task[name], stats["records"][name], cfg, families.get(name))
     _log_stats(stats, max_len, mode)
+    n_calib = int(cfg.get("extract", {}).get("n_calib", 200))
+    short = {name: len(t.calib) for name, t in tasks.items() if len(t.calib) < n_calib}
+    if short:
+        log.warning("%d tasks have fewer training examples than extract.n_calib=%d and calibrate on all they "
+                    "have: %s", len(short), n_calib, short)
     stats = {k: dict(sorted(v.items())) for k, v in stats.items()}
     mixture = Mixture(tasks, stats, fingerprint(cfg, tokenizer, sources))
     if workdir is not None:
@@ -102,8 +110,8 @@ def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
 def _split_task(name, indexed, n_records, cfg, family):
     """Held-out = a seeded draw of record indices (independent of tokenizer and max_len); calib from train."""
     d, seed = cfg.data, int(cfg.data.get("seed", 0))
-    n_held = min(int(d.get("heldout_max", 64)), int(float(d.get("heldout_fraction", 0.1)) * n_records),
-                 n_records - 1)
+    fraction = float(d.get("heldout_fraction", 0.1))
+    n_held = min(int(d.get("heldout_max", 64)), math.floor(fraction * n_records + 1e-9), n_records - 1)
     task_key = zlib.crc32(name.encode())
     held = set(np.random.default_rng([seed, task_key, 0]).permutation(n_records)[:n_held].tolist())
     train = [ex for i, ex in indexed if i not in held]
@@ -111,9 +119,6 @@ def _split_task(name, indexed, n_records, cfg, family):
     if not train:
         raise DataError(f"task '{name}': no training example left after the held-out split and truncation")
     n_calib = int(cfg.get("extract", {}).get("n_calib", 200))
-    if len(train) < n_calib:
-        log.warning("task '%s': %d training examples < extract.n_calib=%d; calibrating on all of them",
-                    name, len(train), n_calib)
     pick = np.random.default_rng([seed, task_key, 1]).permutation(len(train))[:n_calib]
     calib = [train[i] for i in sorted(pick.tolist())]
     tokens = sum(ex.supervised_tokens for ex in train)

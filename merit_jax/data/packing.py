@@ -102,7 +102,8 @@ def plan_rows(lengths, *, seq_len: int, batch_size: int, seed: int, num_epochs: 
         raise ValueError(f"num_epochs={num_epochs} over {n} examples is less than one example")
     if lengths.max() > seq_len:
         raise ValueError(f"an example of {lengths.max()} tokens does not fit seq_len={seq_len} (use max_len <= seq_len)")
-    order = np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range(math.ceil(total / n))])
+    epochs = range(math.ceil(total / n))
+    order = np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in epochs])[:total]
     rows = []
     for start in range(0, total, PACK_WINDOW):
         chunk = order[start:start + PACK_WINDOW]

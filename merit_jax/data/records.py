@@ -39,6 +39,8 @@ def is_saved_dataset(path):
 def iter_raw(path) -> Iterator[tuple[dict, str]]:
     """Yields (raw record dict, where) from one source; JSONL and Parquet are streamed."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
     if is_saved_dataset(path):
         yield from _iter_saved_dataset(path)
     elif path.suffix == ".jsonl":
@@ -68,8 +70,6 @@ def iter_raw(path) -> Iterator[tuple[dict, str]]:
             for raw in batch.to_pylist():
                 yield raw, f"{path} row {row}"
                 row += 1
-    elif not path.exists():
-        raise DataError(f"{path}: no such file or directory")
     else:
         raise DataError(f"{path}: unsupported source (expected .jsonl, .json, .parquet or a save_to_disk dir)")
 

@@ -2,8 +2,9 @@
 
 Task names: a record's `task` (or `task_name`) field, else its file's stem (a directory's name for a
 `save_to_disk` dir). A task named by a file's stem must come from that file alone; a task named in its
-records may span files (sharded releases). A `data.tasks` entry {name, path[, family]} takes the records
-of `path` whose task is `name` (records without a task field count as `name`).
+records or by a data.tasks entry may span files (sharded releases). A `data.tasks` entry
+{name, path[, family]} takes the records of `path` whose task is `name` (records without a task field count
+as `name`).
 """
 
 import dataclasses
@@ -87,7 +88,7 @@ def iter_records(sources: list[Source], image_root="") -> Iterator[rec.Record]:
                 r = rec.normalize(raw, where, source.task or path.stem, root)
                 if source.task is not None and r.task != source.task:
                     continue
-                by_stem = not (isinstance(raw, dict) and (raw.get("task") or raw.get("task_name")))
+                by_stem = source.task is None and not (raw.get("task") or raw.get("task_name"))
                 _check_origin(origin, r.task, path, by_stem)
                 found += 1
                 yield r

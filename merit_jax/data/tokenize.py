@@ -78,16 +78,17 @@ class ChatEncoder:
                 raise DataError(f"{records[k].where}: no {self.turn_end} after an assistant turn in the "
                                 "rendered conversation")
             spans[k].append((len(prefix), end + len(self.turn_end)))
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        # The Rust tokenizer directly: transformers' per-encoding dict conversion would double the cost.
+        encodings = self.tokenizer.backend_tokenizer.encode_batch(full, add_special_tokens=False)
         examples = []
-        for k, r in enumerate(records):
-            starts = np.asarray(enc["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)[:, 0]
+        for k, (r, enc) in enumerate(zip(records, encodings)):
+            starts = np.array([o[0] for o in enc.offsets], dtype=np.int64)
             mask = np.zeros(len(starts), dtype=bool)
             for s, e in spans[k]:
                 mask |= (starts >= s) & (starts < e)
             mask[:1] = False  # the first token has no predecessor to predict it from
             answer = next(m["content"] for m in reversed(r.messages) if m["role"] == "assistant")
-            examples.append(Example(task=r.task, input_ids=np.asarray(enc["input_ids"][k], dtype=np.int32),
+            examples.append(Example(task=r.task, input_ids=np.array(enc.ids, dtype=np.int32),
                                     loss_mask=mask, prompt_len=int(np.searchsorted(starts, spans[k][-1][0])),
                                     answer=answer, image=r.image))
         return examples
@@ -95,7 +96,7 @@ class ChatEncoder:
     def _with_image_text(self, r):
         if r.image is None:
             return r.messages
-        text = self.image_text if self.image_text else ""
+        text = self.image_text
         return [dict(m, content=m["content"].replace("<image>\n", text).replace("<image>", text))
                 for m in r.messages]
 
