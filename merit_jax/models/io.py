@@ -46,9 +46,3 @@ def load_model(path: str | os.PathLike, *, mesh=None, dtype: str = "float32", co
         return var.replace(x if isinstance(x, jax.Array) else jax.numpy.asarray(np.asarray(x)))
 
     return nnx.merge(graphdef, nnx.map_state(fill, abs_state))
-
-
-def save_checkpoint(model_or_flat, hf_cfg: dict, out, tokenizer_dir=None, overwrite: bool = False, **kw):
-    """Writes parameters as a merit_jax checkpoint (atomic)."""
-    flat = model_or_flat if isinstance(model_or_flat, dict) else P.flatten(model_or_flat)
-    return checkpoint.save(out, flat, hf_cfg, tokenizer_dir=tokenizer_dir, overwrite=overwrite, **kw)

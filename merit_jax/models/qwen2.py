@@ -178,9 +178,11 @@ class Qwen2Model(nnx.Module):
             cos, sin = rope_cos_sin(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
         cos, sin = cos.astype(self.policy.compute_dtype), sin.astype(self.policy.compute_dtype)
         new_caches = []
+        remat = self.policy.remat != "none" and caches is None  # decoding never needs gradients
+        if remat:
+            layer_fn = nnx.remat(lambda lyr, *a: lyr(*a), policy=_REMAT_POLICIES[self.policy.remat])
         for i, layer in enumerate(self.layers):
-            if self.policy.remat != "none" and caches is None:
-                layer_fn = nnx.remat(lambda lyr, *a: lyr(*a), policy=_REMAT_POLICIES[self.policy.remat])
+            if remat:
                 x_btd, _ = layer_fn(layer, x_btd, cos, sin, mask_b1ts)
             else:
                 x_btd, c = layer(x_btd, cos, sin, mask_b1ts, None if caches is None else caches[i])
