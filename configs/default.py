@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 50
   t.keep_checkpoints = 2
   t.eval_every = 0  # 0: only at the end
-  t.log_every = 10
+  t.log_every = 2  # steps between training-loss log points (the report plots them)
   t.min_lr_ratio = 0.0  # the schedule decays to learning_rate * min_lr_ratio
   t.no_decay = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)embed_tokens/embedding$")  # no weight decay
   t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8

@@ -129,7 +129,8 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
     ax = fig.add_subplot(1, 1, 1)
     colors = group_colors(max(len(series), 1))
     for (name, (xs, ys)), color in zip(series.items(), colors):
-        ax.plot(np.asarray(xs), np.asarray(ys), label=str(name), color=color, linewidth=1.2)
+        ax.plot(np.asarray(xs), np.asarray(ys), label=str(name), color=color, linewidth=1.2,
+                marker="o" if len(xs) < 40 else None, markersize=3)  # short runs: show every point
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
