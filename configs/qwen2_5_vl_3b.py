@@ -10,22 +10,13 @@ preprocessor_config.json) and a copy of the Vision-FLAN release (annotation JSON
 from configs/default.py; see docs/VL.md for the choices below.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_merit_default_config",
-                                                  pathlib.Path(__file__).with_name("default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _default_config()
+    c = default.get_config()
     c.workdir = "runs/qwen2_5_vl_3b"
 
     m = c.model

@@ -8,22 +8,13 @@ tokens (merit_jax.data.vision.add_vision_tokens); the mixture is merit_jax.data.
 write_synthetic_vl_mixture: 4 image tasks in 2 families, Vision-FLAN-shaped records. See docs/VL.md.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_merit_default_config",
-                                                  pathlib.Path(__file__).with_name("default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _default_config()
+    c = default.get_config()
     c.workdir = "workdir/tiny_vl"
 
     m = c.model

@@ -44,7 +44,7 @@ def run(cfg, workdir) -> Path | None:
     """Writes WORKDIR/basin (skipped when complete); returns it, or None when cfg.basin.enabled is False."""
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.sources import tokenizer_dir
-    from merit_jax.train import TrainSettings, has_tokenizer, mesh_for, train_model
+    from merit_jax.train import TrainSettings, mesh_for, train_model
 
     workdir = Path(workdir)
     out = wd.basin_dir(workdir)
@@ -68,7 +68,7 @@ def run(cfg, workdir) -> Path | None:
     steps = int(b.get("steps", 0))
     if cfg.model.hf_path:
         init, hf_config = Path(cfg.model.hf_path), None
-        tok_dir = init if has_tokenizer(init) else Path(tokenizer_dir(cfg))
+        tok_dir = init if ckpt_lib.has_tokenizer(init) else Path(tokenizer_dir(cfg))
     else:
         hf_config = tiny_config(cfg, tokenizer)
         init = _random_model(cfg, hf_config, settings, mesh)

@@ -101,6 +101,11 @@ def write_json_atomic(path: PathLike, obj: Any) -> None:
     write_json(path, obj, sort_keys=True)
 
 
+def has_tokenizer(directory: PathLike) -> bool:
+    """Whether `directory` holds tokenizer / processor files worth copying along."""
+    return any((pathlib.Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def copy_tokenizer_files(src_dir: PathLike, dst_dir: PathLike) -> list[str]:
     """Copies the tokenizer / processor files of TOKENIZER_FILES present in `src_dir`; returns their names."""
     src_dir, dst_dir = pathlib.Path(src_dir), pathlib.Path(dst_dir)

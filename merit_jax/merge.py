@@ -835,7 +835,7 @@ def _write_hf(out, first, sources, base, groups, method, w, out_dtypes, opts, co
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _has_tokenizer(first.path):
+    if checkpoint.has_tokenizer(first.path):
         checkpoint.copy_tokenizer_files(first.path, tmp)
     checkpoint.write_json_atomic(tmp / MERGE_INFO_FILE, record)
     checkpoint.write_json_atomic(tmp / "config.json", config)  # last: an HF directory "looks complete" with it
@@ -846,16 +846,12 @@ def _write_hf(out, first, sources, base, groups, method, w, out_dtypes, opts, co
     checkpoint.replace_dir(tmp, out)
 
 
-def _has_tokenizer(path: pathlib.Path) -> bool:
-    return any((path / name).is_file() for name in checkpoint.TOKENIZER_FILES)
-
-
 def _write_merit_jax(out, first, sources, base, groups, method, w, out_dtypes, opts, config, record,
                      overwrite, workers) -> None:
     merged: dict[str, Any] = {}
     for name, piece in _merged_pieces(groups, sources, base, method, w, out_dtypes, opts, workers):
         merged[name] = piece
-    checkpoint.save(out, merged, config, tokenizer_dir=first.path if _has_tokenizer(first.path) else None,
+    checkpoint.save(out, merged, config, tokenizer_dir=first.path if checkpoint.has_tokenizer(first.path) else None,
                     overwrite=overwrite, extra_json={MERGE_INFO_FILE: record})
 
 

@@ -58,8 +58,7 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     results = wd.read_json(workdir / "evaluate" / "results.json", "evaluate")
     partition = wd.read_partition(workdir)
-    tasks = wd.read_json(wd.extract_dir(workdir) / "tasks.json", "extract")
-    tasks = tasks["tasks"] if isinstance(tasks, dict) else tasks
+    tasks = wd.read_tasks(wd.extract_dir(workdir) / "tasks.json")
     timings = wd.stage_timings(workdir)
     metrics = {"config": {"split": cfg.split.to_dict(), "train": cfg.train.to_dict(), "merge": cfg.merge.to_dict()},
                "partition": partition, "results": results, "timings_s": timings}

@@ -531,9 +531,7 @@ def load_tasks(path: pathlib.Path) -> list[dict[str, Any]]:
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the extract stage first")
-    data = json.loads(path.read_text())
-    if isinstance(data, dict) and "tasks" in data:
-        data = data["tasks"]
+    data = wd.read_tasks(path)
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty list of tasks")
     for i, task in enumerate(data):

@@ -581,10 +581,6 @@ def seek(iterator, step: int) -> None:
     iterator.set_state({"next_index": int(step)})
 
 
-def has_tokenizer(directory) -> bool:
-    return any((Path(directory) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
 def _plan(examples, s: TrainSettings, num_epochs: float, max_steps: int | None) -> tuple[float, int]:
     """(epochs to stream, steps to run). With max_steps, enough whole epochs are streamed to cover them."""
     from merit_jax.data.pipeline import num_train_steps
@@ -661,7 +657,7 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
         hf_config = hf_config or init_hf
         if hf_config is None:
             raise ValueError("train_model: pass hf_config when `init` is a module (the final config.json)")
-        if tokenizer_dir is None and init_dir is not None and has_tokenizer(init_dir):
+        if tokenizer_dir is None and init_dir is not None and ckpt_lib.has_tokenizer(init_dir):
             tokenizer_dir = init_dir
         fns = build_step_functions(model, s, num_steps, mesh)
         shard_index, shard_count = process_rows(batch_sharding(mesh, 2), s.batch_size)
@@ -791,7 +787,7 @@ def branch_groups(cfg, workdir: Path) -> list[list[str]]:
         groups = [[]]  # all tasks of the mixture: resolved when the data is read
     tasks_file = wd.extract_dir(workdir) / "tasks.json"
     if tasks_file.is_file() and groups != [[]]:
-        known = {t["name"] for t in _task_list(wd.read_json(tasks_file))}
+        known = {t["name"] for t in wd.read_tasks(tasks_file)}
         unknown = sorted({t for g in groups for t in g} - known)
         if unknown:
             raise ConfigError(f"{wd.partition_file(workdir)} names task(s) {unknown} that {tasks_file} does not "
@@ -800,10 +796,6 @@ def branch_groups(cfg, workdir: Path) -> list[list[str]]:
         if groups != [[]] and not g:
             raise ConfigError(f"{wd.partition_file(workdir)}: group {k} is empty")
     return groups
-
-
-def _task_list(obj) -> list[dict]:
-    return obj["tasks"] if isinstance(obj, dict) and "tasks" in obj else obj
 
 
 def check_branch(branch, n_groups: int, where: str = "split/partition.json") -> int:
@@ -916,5 +908,5 @@ def run(cfg, workdir: Path, branch: int | None = None, *, hooks: Sequence[Callab
         from merit_jax.data.sources import tokenizer_dir
         out[k] = train_model(cfg, theta0, train, wd.branch_dir(workdir, k), heldout=heldout, settings=settings,
                              mesh=mesh, extra_json=info, hooks=hooks,
-                             tokenizer_dir=theta0 if has_tokenizer(theta0) else tokenizer_dir(cfg)).final_dir
+                             tokenizer_dir=theta0 if ckpt_lib.has_tokenizer(theta0) else tokenizer_dir(cfg)).final_dir
     return out

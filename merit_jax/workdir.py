@@ -68,6 +68,12 @@ def read_json(path: Path, what: str | None = None) -> Any:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
 
 
+def read_tasks(path: Path) -> list:
+    """extract/tasks.json's task entries (the file is {"tasks": [...], + metadata}; a bare list is accepted)."""
+    data = read_json(path, "extract")
+    return data["tasks"] if isinstance(data, dict) and "tasks" in data else data
+
+
 def read_partition(workdir: Path) -> dict:
     part = read_json(partition_file(workdir), "split")
     for key in ("groups", "tokens", "weights"):

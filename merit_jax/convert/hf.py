@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from merit_jax import checkpoint
+from merit_jax import workdir as wd
 from merit_jax.models import params as P
 from merit_jax.models.config import ModelConfig
 
@@ -30,13 +31,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    f = Path(path) / "config.json"
-    if not f.is_file():
+    if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json: not a Hugging Face model directory")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: invalid JSON: {e}") from None
+    return wd.read_json(Path(path) / "config.json")
 
 
 def hf_key(name: str) -> tuple[str, bool]:
