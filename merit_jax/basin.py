@@ -2,7 +2,8 @@
 
 Branches that start from a shared, briefly jointly-trained point stay in one loss basin, which is what makes
 their weights mergeable. The start is cfg.model.hf_path, or (hf_path = "") a random tiny Qwen2 built from
-cfg.model.tiny with the tokenizer's vocabulary and special tokens. The run trains cfg.basin.steps steps on
+cfg.model.tiny (a tiny Qwen2.5-VL from cfg.model.tiny_vl when cfg.model.model_type = "qwen2_5_vl") with the
+tokenizer's vocabulary and special tokens. The run trains cfg.basin.steps steps on
 all tasks (learning rate cfg.basin.learning_rate, everything else from cfg.train), resumably, in
 WORKDIR/basin_run/, and writes WORKDIR/basin as a merit_jax checkpoint with config.json and the tokenizer
 files, so every later stage reads a self-describing θ⁰.
@@ -32,6 +33,13 @@ def tiny_config(cfg, tokenizer) -> dict:
     from merit_jax.models.config import tiny_hf_config
 
     vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if cfg.model.get("model_type", "qwen2") == "qwen2_5_vl":  # a tiny Qwen2.5-VL from cfg.model.tiny_vl
+        from merit_jax.data.vision import vision_token_ids
+        from merit_jax.models.qwen2_5_vl import tiny_vl_hf_config
+
+        hf = tiny_vl_hf_config(vocab, vision_token_ids(tokenizer), **cfg.model.tiny_vl.to_dict())
+        hf["dtype"] = cfg.model.get("param_dtype", "float32")
+        return hf
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     arch = dict(cfg.model.tiny.to_dict() if hasattr(cfg.model.tiny, "to_dict") else cfg.model.tiny)

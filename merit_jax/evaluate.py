@@ -27,8 +27,10 @@ from merit_jax import checkpoint, diagnostics, losses, merge
 from merit_jax import workdir as wd
 from merit_jax.data import packing
 from merit_jax.data.mixture import load_mixture, load_tokenizer
+from merit_jax.data.vision import row_images_for
 from merit_jax.models import params as P
 from merit_jax.models.generate import generate, left_pad
+from merit_jax.models.inputs import batch_logits
 from merit_jax.models.io import load_model
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,9 @@ class Evaluator:
     """
 
     def __init__(self, template: nnx.Module, mixture, tokenizer, *, max_len: int, batch: int = 32,
-                 max_new_tokens: int = 16):
+                 max_new_tokens: int = 16, make_images=None):
         self.template, self.tokenizer = template, tokenizer
+        self.make_images = make_images  # Qwen2.5-VL: examples -> RowImages (images per row, generate_vl)
         self.graphdef, _ = nnx.split(template)
         self.tasks = list(mixture.tasks)
         self.heldout = [(name, ex) for name in self.tasks for ex in mixture.tasks[name].heldout]
@@ -104,8 +107,7 @@ class Evaluator:
 
         @jax.jit
         def row_losses(state, batch):
-            logits = nnx.merge(self.graphdef, state)(batch["input_ids"], positions=batch["positions"],
-                                                    segment_ids=batch["segment_ids"])
+            logits = batch_logits(nnx.merge(self.graphdef, state), batch)
             ce = losses.token_ce(logits, batch["targets"]) * batch["loss_mask"]
             return ce.sum(-1), batch["loss_mask"].sum(-1)
 
@@ -117,6 +119,8 @@ class Evaluator:
         n = len(examples)
         pad = (-n) % self.batch
         rows = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in rows.items()}
+        if self.make_images is not None:  # padding rows get stand-in images (well-formed, never picked)
+            rows = self.make_images(examples).fit([[i] for i in range(n)]).add(rows, [[i] for i in range(n)])
         return [{k: jnp.asarray(v[i:i + self.batch]) for k, v in rows.items()}
                 for i in range(0, n + pad, self.batch)], n
 
@@ -151,14 +155,27 @@ class Evaluator:
             ids, mask = left_pad(chunk, self.pad_id)
             ids = np.pad(ids, ((0, 0), (width - ids.shape[1], 0)), constant_values=self.pad_id)
             mask = np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
-            out = generate(self.template, ids, mask, max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
-                           pad_id=self.pad_id)
+            out = self._generate(ids, mask, [ex for _, ex in self.heldout[i:i + self.batch]])
             for row, (name, ex) in zip(out, self.heldout[i:i + self.batch]):
                 toks = row.tolist()
                 toks = toks[:toks.index(self.eos_id)] if self.eos_id in toks else toks
                 text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
                 correct[name].append(text == ex.answer.strip())
         return {name: float(np.mean(v)) for name, v in correct.items() if v}
+
+    def _generate(self, ids, mask, examples):
+        """Greedy answers to left-padded prompts (their images too, for a Qwen2.5-VL template)."""
+        kw = dict(max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id)
+        if self.make_images is None:
+            return generate(self.template, ids, mask, **kw)
+        from merit_jax.data.vision import load_pixels
+        from merit_jax.models.qwen2_5_vl import generate_vl
+
+        images = self.make_images(examples)
+        pixel_values, grid = load_pixels(examples, images.processor, images.max_image_pixels)
+        if not len(grid):
+            return generate_vl(self.template, ids, mask, **kw)
+        return generate_vl(self.template, ids, mask, pixel_values, grid, **kw)
 
     def evaluate(self, flat: dict) -> dict:
         loss, acc = self.task_losses(flat), self.accuracy(flat)
@@ -197,7 +214,8 @@ def run(cfg, workdir: pathlib.Path) -> dict:
     mixture = load_mixture(cfg, tokenizer, workdir)
     template = load_model(models["theta0"])
     ev = Evaluator(template, mixture, tokenizer, max_len=cfg.data.max_len,
-                   batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens)
+                   batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens,
+                   make_images=row_images_for(cfg, template))
     flats = {}
     results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()},
                "data": {"records": mixture.stats["records"], "truncated": mixture.stats["truncated"],

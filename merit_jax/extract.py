@@ -39,6 +39,7 @@ from merit_jax import workdir as wd
 from merit_jax.convert.hf import to_host
 from merit_jax.losses import per_example_losses
 from merit_jax.models import params as P
+from merit_jax.models.inputs import batch_keys, batch_logits, is_vl
 from merit_jax.sharding import LOGICAL_RULES
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,9 @@ def select_params(names: Sequence[str], include: Sequence[str] = (".*",),
 # --------------------------------------------------------------------------------------------------
 
 def example_loss(model: nnx.Module, ex: Mapping[str, jax.Array]) -> jax.Array:
-    """One example's loss: the mean cross-entropy over its supervised tokens. `ex`: batch-dict arrays [S]."""
-    logits = model(ex["input_ids"][None], positions=ex["positions"][None], segment_ids=ex["segment_ids"][None])
+    """One example's loss: the mean cross-entropy over its supervised tokens. `ex`: one row of a batch dict
+    (text arrays [S]; a Qwen2.5-VL example also carries its own images, see merit_jax.models.inputs)."""
+    logits = batch_logits(model, {k: v[None] for k, v in ex.items()})
     return per_example_losses(logits, ex["targets"][None], ex["loss_mask"][None])[0]
 
 
@@ -116,7 +118,7 @@ def per_example_grads(model: nnx.Module, batch: Mapping[str, Any], names: Sequen
     Materialises all B gradients: the stage never calls this, it reduces micro-chunks instead."""
     names = list(P.flatten(model)) if names is None else list(names)
     graphdef, selected, rest = split_model(model, names)
-    chunk = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    chunk = {k: jnp.asarray(batch[k]) for k in batch_keys(is_vl(batch))}
     return jax.jit(lambda s, r, c: _vmapped_grads(graphdef, s, r, c, None))(selected, rest, chunk)
 
 
@@ -299,13 +301,13 @@ class TaskExtractor:
         chunks = max(1, -(-n // c), chunks or 0)
         pad = chunks * c - n
 
-        def lay(x):
+        def lay(x):  # padding examples repeat the first (weight 0): every row stays a well-formed input
             x = np.asarray(x)
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
             return x.reshape((chunks, c) + x.shape[1:])
 
-        host = {k: lay(batch[k]) for k in BATCH_KEYS}
-        valid = lay(np.ones(n, np.float32))
+        host = {k: lay(batch[k]) for k in batch_keys(is_vl(batch))}
+        valid = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]).reshape(chunks, c)
         mode = np.int32(PER_EXAMPLE_CODE[self.options.per_example])
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, host), jnp.asarray(valid), jnp.asarray(mode)
@@ -491,6 +493,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     mixture = load_mixture(cfg, tokenizer, workdir)
     names = select_params(list(P.flatten(model)), list(e.include), list(e.exclude))
     extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=_xla_options(e))
+    images, first = _calibration_images(cfg, model, mixture)
     vocab = _vocab_size(model)
     task_names = list(mixture.tasks)
     n_tasks = len(task_names)
@@ -532,8 +535,10 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
                 stats[name] = saved["stats"]
                 cosines[name] = {int(m): np.asarray(v) for m, v in saved["stability"].items()}
             continue
-        result = extractor(pad_batch(task.calib, seq_bucket(max(len(ex) for ex in task.calib))), task=name,
-                           chunks=chunks)
+        batch = pad_batch(task.calib, seq_bucket(max(len(ex) for ex in task.calib)))
+        if images is not None:  # Qwen2.5-VL: each example with its own images
+            batch = images.add(batch, [[first[name] + i] for i in range(len(task.calib))])
+        result = extractor(batch, task=name, chunks=chunks)
         record = {"name": name, "n_calib": result.n, "train_tokens": int(task.train_tokens),
                   "family": task.family, "calib_tokens": int(result.tokens.sum()),
                   "loss_mean": float(result.losses.mean()), "grad_norm_mean": float(result.norms.mean()),
@@ -571,6 +576,21 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
         log.info("extract: calibration stability %s", ", ".join(
             f"m={m}: {mu:.3f}±{sd:.3f}" for m, mu, sd in zip(curve["m"], curve["mean"], curve["std"])))
     return record
+
+
+def _calibration_images(cfg, model, mixture):
+    """(RowImages over every task's calibration examples, {task: index of its first}) for a Qwen2.5-VL
+    model, sized once for all of them (one compilation per sequence bucket); (None, {}) for text models."""
+    from merit_jax.data.vision import row_images_for
+
+    make = row_images_for(cfg, model)
+    if make is None:
+        return None, {}
+    examples, first = [], {}
+    for name, task in mixture.tasks.items():
+        first[name] = len(examples)
+        examples += task.calib
+    return make(examples).fit([[i] for i in range(len(examples))]), first
 
 
 def check_calibration(task: str, examples: Sequence[Any], vocab_size: int) -> None:

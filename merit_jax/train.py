@@ -44,6 +44,7 @@ from merit_jax import checkpoint as ckpt_lib
 from merit_jax import losses
 from merit_jax import workdir as wd
 from merit_jax.models import params as P
+from merit_jax.models.inputs import batch_keys, batch_logits
 from merit_jax.sharding import batch_sharding, make_mesh
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class TrainSettings:
     min_lr_ratio: float = 0.0  # cosine / linear decay end at learning_rate * min_lr_ratio
     weight_decay: float = 0.0
     no_decay: tuple[str, ...] = DEFAULT_NO_DECAY  # regexes over parameter names
+    freeze: tuple[str, ...] = ()  # regexes over parameter names: these get no update (e.g. "^visual/")
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
@@ -119,8 +121,9 @@ class TrainSettings:
             if m.get(key, None) is not None:
                 values[key] = m.get(key)
         values.setdefault("seed", cfg.get("seed", 0))
-        if "no_decay" in values:
-            values["no_decay"] = tuple(values["no_decay"])
+        for key in ("no_decay", "freeze"):
+            if key in values:
+                values[key] = tuple(values[key])
         if "xla_options" in values:
             values["xla_options"] = tuple(sorted(dict(values["xla_options"]).items()))
         values.update(overrides)
@@ -156,11 +159,12 @@ class TrainSettings:
         for key in ("batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every"):
             if getattr(self, key) < 1:
                 errors.append(f"train.{key}={getattr(self, key)} must be >= 1")
-        for rx in self.no_decay:
-            try:
-                re.compile(rx)
-            except re.error as e:
-                errors.append(f"train.no_decay: bad regex {rx!r}: {e}")
+        for key in ("no_decay", "freeze"):
+            for rx in getattr(self, key):
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    errors.append(f"train.{key}: bad regex {rx!r}: {e}")
         if mesh is not None and self.batch_size >= 1 and self.grad_accum >= 1:
             dp = mesh.shape["data"] * mesh.shape["fsdp"]
             if self.batch_size % (dp * self.grad_accum):
@@ -221,8 +225,27 @@ def decay_mask(names: Sequence[str], no_decay: Sequence[str]) -> dict[str, bool]
     return {n: not any(p.search(n) for p in patterns) for n in names}
 
 
+def frozen_names(names: Sequence[str], freeze: Sequence[str]) -> set[str]:
+    """The parameters matched by a train.freeze regex; a ConfigError if some regex matches nothing."""
+    out = set()
+    for rx in freeze:
+        hit = {n for n in names if re.search(rx, n)}
+        if not hit:
+            raise ConfigError(f"train.freeze: {rx!r} matches no parameter (names look like {list(names)[:2]})")
+        out |= hit
+    if out and len(out) == len(names):
+        raise ConfigError(f"train.freeze={list(freeze)} freezes every parameter: nothing would train")
+    return out
+
+
 def make_optimizer(s: TrainSettings, num_steps: int, param_names: Sequence[str]) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW or SGD (+ decoupled weight decay on the masked parameters)."""
+    """Global-norm clipping, then AdamW or SGD (+ decoupled weight decay on the masked parameters); frozen
+    parameters (train.freeze) get zero updates and no optimizer state, and do not count in the clipping norm."""
+    frozen = frozen_names(param_names, s.freeze)
+    if frozen:
+        labels = {n: "frozen" if n in frozen else "train" for n in param_names}
+        inner = make_optimizer(dataclasses.replace(s, freeze=()), num_steps, param_names)
+        return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
     lr = make_schedule(s, num_steps)
     mask = decay_mask(param_names, s.no_decay)
     if s.optimizer == "adamw":
@@ -247,6 +270,7 @@ class SplitModel:
         self.rest = rest
         self.abstract = nnx.map_state(lambda p, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype)), state)
         self.names = [P.path_name(p) for p, _ in nnx.to_flat_state(self.abstract)]
+        self.vl_config = getattr(module, "vl_config", None)  # Qwen2.5-VL: batches carry images
 
     @staticmethod
     def params_of(module: nnx.Module) -> dict[str, jax.Array]:
@@ -263,8 +287,7 @@ class SplitModel:
 
 def forward_losses(model: SplitModel, params, batch) -> tuple[jax.Array, jax.Array]:
     """(sum of CE over the supervised tokens of a batch dict, their number)."""
-    logits = model.module(params)(batch["input_ids"], positions=batch["positions"],
-                                  segment_ids=batch["segment_ids"])
+    logits = batch_logits(model.module(params), batch)
     return losses.token_losses(logits, batch["targets"], batch["loss_mask"])
 
 
@@ -281,15 +304,21 @@ def _micro_batches(batch: dict, n_micro: int, mesh: Mesh | None) -> dict:
 
 
 def make_train_step(model: SplitModel, tx: optax.GradientTransformation, lr_fn, grad_accum: int = 1,
-                    mesh: Mesh | None = None, param_shardings: Mapping[str, NamedSharding] | None = None
-                    ) -> Callable:
+                    mesh: Mesh | None = None, param_shardings: Mapping[str, NamedSharding] | None = None,
+                    freeze: Sequence[str] = ()) -> Callable:
     """state, batch -> (state, metrics): one optimizer step on the global batch (not jitted here).
 
     Gradients of the summed loss are accumulated over `grad_accum` micro-batches (lax.scan) in fp32, sharded
     like the parameters, and divided by the supervised-token count of the whole batch, so the update equals
     the one-shot step.
     """
-    grad_fn = jax.value_and_grad(lambda params, micro: forward_losses(model, params, micro), has_aux=True)
+    frozen = frozen_names(model.names, freeze)
+
+    def loss_of(params, micro):  # frozen parameters are constants: XLA drops their backward pass
+        params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
+        return forward_losses(model, params, micro)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def step(state, batch):
         params = state["params"]
@@ -327,8 +356,7 @@ def make_train_step(model: SplitModel, tx: optax.GradientTransformation, lr_fn, 
 def make_eval_step(model: SplitModel, num_tasks: int) -> Callable:
     """params, batch (+ `task_id` [B]) -> per-task (CE sum, supervised tokens, correct tokens), each [T]."""
     def step(params, batch):
-        logits = model.module(params)(batch["input_ids"], positions=batch["positions"],
-                                      segment_ids=batch["segment_ids"])
+        logits = batch_logits(model.module(params), batch)
         mask = batch["loss_mask"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
         right = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
@@ -382,10 +410,10 @@ def build_step_functions(model: SplitModel, s: TrainSettings, num_steps: int, me
 
     abstract_state = jax.eval_shape(init_state, abstract_params)
     state_sh = state_shardings(abstract_state, param_sh, mesh)
-    batch_sh = {k: batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_keys(model.vl_config is not None).items()}
     replicated = NamedSharding(mesh, PartitionSpec())
     options = dict(s.xla_options) or None
-    step = make_train_step(model, tx, lr_fn, s.grad_accum, mesh, param_sh)
+    step = make_train_step(model, tx, lr_fn, s.grad_accum, mesh, param_sh, s.freeze)
     train_step = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                          donate_argnums=(0,), compiler_options=options)
     init = jax.jit(init_state, in_shardings=(param_sh,), out_shardings=state_sh, compiler_options=options)
@@ -431,13 +459,17 @@ class HeldoutEval:
     """Per-task held-out loss and token accuracy, one example per row, in fixed-size batches (one compile)."""
 
     def __init__(self, model: SplitModel, heldout: Mapping[str, Sequence], mesh: Mesh, seq_len: int, rows: int,
-                 param_shardings, xla_options=None):
+                 param_shardings, xla_options=None, make_images: Callable | None = None):
         self.tasks = [t for t in sorted(heldout) if heldout[t]]
         self.examples = [(i, ex) for i, t in enumerate(self.tasks) for ex in heldout[t]]
         self.mesh, self.rows, self.seq_len = mesh, rows, seq_len
         self.shard, count = process_rows(batch_sharding(mesh, 2), rows)
         self.per_process = rows // count
-        batch_sh = {k: batch_sharding(mesh, 2) for k in BATCH_KEYS} | {"task_id": batch_sharding(mesh, 1)}
+        self.images = None  # VL: per-row image inputs, sized once for every held-out example
+        if make_images is not None and self.examples:
+            self.images = make_images([ex for _, ex in self.examples]).fit([[i] for i in range(len(self.examples))])
+        keys = batch_keys(self.images is not None)
+        batch_sh = {k: batch_sharding(mesh, nd) for k, nd in keys.items()} | {"task_id": batch_sharding(mesh, 1)}
         self.step = jax.jit(make_eval_step(model, max(len(self.tasks), 1)), in_shardings=(param_shardings, batch_sh),
                             out_shardings=(NamedSharding(mesh, PartitionSpec()),) * 3,
                             compiler_options=xla_options or None)
@@ -457,6 +489,8 @@ class HeldoutEval:
             dtype = np.float32 if k == "loss_mask" else np.int32
             pad = np.zeros((n_pad, *shape), dtype)
             out[k] = np.concatenate([batch[k].astype(dtype), pad]) if chunk else pad
+        if self.images is not None:
+            out = self.images.add(out, [[lo + j] for j in range(len(chunk))])
         return out
 
     def __call__(self, params) -> dict[str, float]:
@@ -604,7 +638,7 @@ def _run_description(s: TrainSettings, examples, num_epochs: float, num_steps: i
     lengths = np.array([len(e) for e in examples], np.int64)
     return dict(num_steps=num_steps, num_epochs=num_epochs, batch_size=s.batch_size, seq_len=s.seq_len,
                 seed=s.seed, grad_accum=s.grad_accum, n_examples=len(examples), total_tokens=int(lengths.sum()),
-                optimizer=s.optimizer, learning_rate=s.learning_rate, schedule=s.schedule)
+                optimizer=s.optimizer, learning_rate=s.learning_rate, schedule=s.schedule, freeze=list(s.freeze))
 
 
 def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str, Sequence] | None = None,
@@ -629,6 +663,7 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
     import grain
     import orbax.checkpoint as ocp
     from merit_jax.data.pipeline import make_train_iterator
+    from merit_jax.data.vision import row_images_for
 
     out_dir = Path(out_dir).absolute()
     final_dir = Path(final_dir).absolute() if final_dir is not None else out_dir / "final"
@@ -664,8 +699,10 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
         log.info("train: process %d of %d feeds data shard %d of %d (%d of the %d rows of each global batch)",
                  jax.process_index(), jax.process_count(), shard_index, shard_count, s.batch_size // shard_count,
                  s.batch_size)
+        make_images = row_images_for(cfg, model)
         iterator = make_train_iterator(list(examples), seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
-                                       num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+                                       num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
+                                       images=make_images(list(examples)) if make_images else None)
         if start:
             saved = manager.restore(start, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
             changed = {k: (saved.get(k), v) for k, v in description.items() if saved.get(k) != v}
@@ -698,7 +735,7 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
                 run=ocp.args.JsonSave(description)))
 
         evaluator = HeldoutEval(model, heldout or {}, mesh, s.seq_len, s.eval_batch_size or s.batch_size,
-                                fns.param_shardings, dict(s.xla_options))
+                                fns.param_shardings, dict(s.xla_options), make_images)
         metrics_log = MetricsLog(out_dir, start)
         watch = PreemptionWatch()
         if start == 0:  # the starting point's held-out numbers: what the run improves on

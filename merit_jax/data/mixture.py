@@ -20,6 +20,7 @@ from tqdm import tqdm
 from merit_jax.data import sources as src
 from merit_jax.data.records import DataError
 from merit_jax.data.tokenize import ChatEncoder, Example, truncate
+from merit_jax.data.vision import ImageEncoding
 
 log = logging.getLogger(__name__)
 _CHUNK = 1024  # records tokenised per batch call
@@ -67,12 +68,16 @@ def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
     max_len, mode = int(d.max_len), d.get("truncation", "left")
     sources, families = src.resolve(cfg, workdir)
     encoder = ChatEncoder(tokenizer)
+    images = ImageEncoding.for_tokenizer(cfg, tokenizer)  # None for text models
     by_task = collections.defaultdict(list)  # task -> [(record index in task, Example)]
     stats = {k: collections.Counter() for k in ("records", "truncated", "skipped")}
 
     def flush(buffer):
         for r, ex in zip(buffer, encoder.encode(buffer)):
-            ex, action = truncate(ex, max_len, mode)
+            if r.image and images is not None:
+                ex, action = images(ex, r.where, max_len, mode)
+            else:
+                ex, action = truncate(ex, max_len, mode)
             if action != "kept":
                 stats[action][r.task] += 1
             if ex is not None:
@@ -139,7 +144,8 @@ def fingerprint(cfg, tokenizer, sources) -> str:
     d = cfg.data
     rules = dict(version=_VERSION, max_len=int(d.max_len), truncation=d.get("truncation", "left"),
                  heldout_fraction=float(d.get("heldout_fraction", 0.1)), heldout_max=int(d.get("heldout_max", 64)),
-                 seed=int(d.get("seed", 0)), image_root=str(d.get("image_root", "")))
+                 seed=int(d.get("seed", 0)), image_root=str(d.get("image_root", "")),
+                 image_pixels=[int(d.get("image_min_pixels", 0)), int(d.get("image_max_pixels", 0))])
     h.update(json.dumps(rules, sort_keys=True).encode())
     for s in sources:
         h.update(f"{s.path.resolve()}|{s.task}".encode())

@@ -47,16 +47,22 @@ def steps_per_epoch(examples: list[Example], *, seq_len: int, batch_size: int, s
 
 def make_train_iterator(examples: list[Example], *, seq_len: int, batch_size: int, seed: int,
                         num_epochs: float = 1.0, shard_index: int = 0, shard_count: int = 1,
-                        num_threads: int = 1, prefetch: int = 4) -> grain.DatasetIterator:
-    """A grain iterator over this process's share of each global batch (batch_size is global)."""
+                        num_threads: int = 1, prefetch: int = 4, images=None) -> grain.DatasetIterator:
+    """A grain iterator over this process's share of each global batch (batch_size is global).
+    images: a merit_jax.data.vision.RowImages over `examples` (Qwen2.5-VL): batches then carry each row's
+    images; it is fitted here on every row of the run, so the arrays keep one shape."""
     _check(examples, seq_len, batch_size, shard_index, shard_count)
     table = TokenTable(examples)
     rows = plan_rows(table.lengths, seq_len=seq_len, batch_size=batch_size, seed=seed, num_epochs=num_epochs)
     per_shard = batch_size // shard_count
+    if images is not None:
+        images.fit(rows)
 
     def batch(step):
         first = step * batch_size + shard_index * per_shard
-        return table.rows(rows[first:first + per_shard], seq_len)
+        mine = rows[first:first + per_shard]
+        out = table.rows(mine, seq_len)
+        return images.add(out, mine) if images is not None else out
 
     ds = grain.MapDataset.range(len(rows) // batch_size).map(batch)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)

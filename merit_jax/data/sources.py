@@ -30,6 +30,14 @@ def synthetic_dir(cfg, workdir=None) -> pathlib.Path:
     """The synthetic mixture for cfg.data.synthetic, generated once into WORKDIR/data/ (a temp dir without one)."""
     syn = cfg.data.get("synthetic", {})
     seed, n = syn.get("seed", 0), syn.get("examples_per_task", 240)
+    if syn.get("kind", "text") == "vl":  # the image-task mixture of configs/tiny_vl.py
+        from merit_jax.data import vision
+
+        base = pathlib.Path(workdir) / "data" if workdir is not None else pathlib.Path(tempfile.mkdtemp())
+        out = base / f"synthetic-vl-s{seed}-n{n}"
+        if not (out / "families.json").exists():  # written last
+            vision.write_synthetic_vl_mixture(out, seed=seed, examples_per_task=n)
+        return out
     if workdir is None:
         return synthetic.write_mixture(tempfile.mkdtemp(prefix="merit_synthetic_"), seed, n)
     out = pathlib.Path(workdir) / "data" / f"synthetic-v{synthetic.VERSION}-s{seed}-n{n}"
@@ -39,8 +47,13 @@ def synthetic_dir(cfg, workdir=None) -> pathlib.Path:
 
 
 def tokenizer_dir(cfg) -> str:
-    """cfg.data.tokenizer, else the model's directory, else the shipped synthetic tokenizer."""
-    return cfg.data.get("tokenizer", "") or cfg.model.get("hf_path", "") or str(synthetic.TOKENIZER_DIR)
+    """cfg.data.tokenizer, else the model's directory, else the shipped synthetic (or synthetic VL) tokenizer."""
+    if cfg.data.get("tokenizer", "") or cfg.model.get("hf_path", ""):
+        return cfg.data.get("tokenizer", "") or cfg.model.get("hf_path", "")
+    if cfg.data.get("synthetic", {}).get("kind", "text") == "vl":
+        from merit_jax.data.vision import VL_TOKENIZER_DIR
+        return str(VL_TOKENIZER_DIR)
+    return str(synthetic.TOKENIZER_DIR)
 
 
 def resolve(cfg, workdir=None) -> tuple[list[Source], dict[str, str]]:

@@ -237,7 +237,117 @@ def vl_batch(examples: Sequence[VLExample], rows: Sequence[Sequence[int]], seq_l
     return batch
 
 
+class RowImages:
+    """The per-row image inputs of batches of packed rows (merit_jax.models.inputs: pixel_values [R, P, D],
+    mrope_positions [R, 3, S], the stacked vision layout), with sizes fixed by `fit` on every row a run will
+    see, so that one compilation serves the run. Rows are lists of indices into `examples` (VLExamples, or
+    plain Examples for text-only rows).
+
+        images = RowImages(examples, processor, vl_config).fit(rows)
+        batch = images.add(TokenTable(examples).rows(some_rows, seq_len), some_rows)
+    """
+
+    def __init__(self, examples: Sequence[Example], processor, vl_config,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.examples, self.processor, self.vl = examples, processor, vl_config
+        self.max_image_pixels = max_image_pixels
+        self.sizes = None
+
+    def grids(self, row: Sequence[int]) -> np.ndarray:
+        got = [getattr(self.examples[i], "image_grid_thw", None) for i in row]
+        return np.concatenate([g for g in got if g is not None] + [np.zeros((0, 3), np.int32)]).astype(np.int32)
+
+    def fit(self, rows: Sequence[Sequence[int]]) -> "RowImages":
+        from merit_jax.models.qwen2_5_vl import layout_sizes
+
+        self.sizes = layout_sizes([self.grids(r) for r in rows] or [[]], self.vl.vision)
+        return self
+
+    def add(self, batch: dict, rows: Sequence[Sequence[int]]) -> dict:
+        """`batch` (the text keys of these rows; more rows than `rows` are padding rows) plus the vision keys."""
+        from merit_jax.models.inputs import layout_keys
+        from merit_jax.models.mrope import mrope_positions
+        from merit_jax.models.qwen2_5_vl import stacked_layouts
+
+        if self.sizes is None:
+            raise RuntimeError("RowImages.fit(rows) first: it fixes the array sizes of the run")
+        n_rows = len(batch["input_ids"])
+        rows = [list(r) for r in rows] + [[]] * (n_rows - len(rows))
+        grids = [self.grids(r) for r in rows]
+        pixels = np.zeros((n_rows, self.sizes.num_patches, self.vl.vision.patch_dim), np.float32)
+        for j, r in enumerate(rows):
+            if len(grids[j]):
+                pv, _ = load_pixels([self.examples[i] for i in r], self.processor, self.max_image_pixels)
+                if len(pv) > self.sizes.num_patches:
+                    raise ValueError(f"row of {[self.examples[i].where for i in r]}: {len(pv)} patches exceed the "
+                                     f"{self.sizes.num_patches} fitted (fit every row the run will see)")
+                pixels[j, :len(pv)] = pv
+        every = np.concatenate(grids)
+        positions, _ = mrope_positions(batch["input_ids"], every if len(every) else None,
+                                       image_token_id=self.vl.image_token_id,
+                                       spatial_merge_size=self.vl.vision.spatial_merge_size,
+                                       segment_ids_bt=batch["segment_ids"])
+        layout = stacked_layouts(grids, self.vl.vision, self.sizes)
+        return {**batch, "pixel_values": pixels, "mrope_positions": np.asarray(positions).transpose(1, 0, 2),
+                **layout_keys(layout)}
+
+
 # ------------------------------------------------------------------------- tokenizer and synthetic mixture
+
+
+VL_TOKENIZER_DIR = pathlib.Path(__file__).parent / "assets" / "synthetic_vl_tokenizer"
+
+
+def build_vl_tokenizer(out_dir=VL_TOKENIZER_DIR) -> pathlib.Path:
+    """Regenerates the shipped tokenizer of the synthetic VL mixture (configs/tiny_vl.py): the synthetic
+    tokenizer plus the vision tokens, and a default Qwen2-VL preprocessor_config.json."""
+    from merit_jax.data import synthetic
+
+    add_vision_tokens(synthetic.TOKENIZER_DIR, out_dir)
+    image_processor().save_pretrained(str(out_dir))
+    return pathlib.Path(out_dir)
+
+
+def processor_for(cfg):
+    """The run's image processor: the tokenizer / model directory's preprocessor_config.json (transformers'
+    defaults without one), resized within data.image_min_pixels / data.image_max_pixels when set."""
+    from merit_jax.data.sources import tokenizer_dir
+
+    d = cfg.data
+    return image_processor(tokenizer_dir(cfg), min_pixels=int(d.get("image_min_pixels", 0)) or None,
+                           max_pixels=int(d.get("image_max_pixels", 0)) or None)
+
+
+def row_images_for(cfg, model):
+    """examples -> RowImages for a Qwen2.5-VL model (the run's processor and image size limit); None for a
+    text model. What the train, extract and evaluate stages build their image inputs with."""
+    vl = getattr(model, "vl_config", None)
+    if vl is None:
+        return None
+    processor = processor_for(cfg)
+    max_pixels = int(cfg.data.get("max_image_pixels", 0) or DEFAULT_MAX_IMAGE_PIXELS)
+    return lambda examples: RowImages(examples, processor, vl, max_pixels)
+
+
+class ImageEncoding:
+    """Turns a tokenised image record into a VLExample and truncates it without cutting an image (the
+    mixture's step for Qwen2.5-VL tokenizers)."""
+
+    def __init__(self, cfg, tokenizer):
+        self.processor = processor_for(cfg)
+        self.ids = vision_token_ids(tokenizer)
+        self.max_image_pixels = int(cfg.data.get("max_image_pixels", 0) or DEFAULT_MAX_IMAGE_PIXELS)
+
+    @staticmethod
+    def for_tokenizer(cfg, tokenizer) -> "ImageEncoding | None":
+        """None for a tokenizer without Qwen2.5-VL's image token (text models)."""
+        return ImageEncoding(cfg, tokenizer) if IMAGE_TOKEN in tokenizer.get_vocab() else None
+
+    def __call__(self, ex: Example, where: str, max_len: int, mode: str):
+        """(VLExample or None, "kept" | "truncated" | "skipped")."""
+        ex = to_vl_example(ex, where, self.processor, image_token_id=self.ids[IMAGE_TOKEN],
+                           max_image_pixels=self.max_image_pixels)
+        return truncate_vl(ex, max_len, mode, self.ids.values())
 
 
 def add_vision_tokens(tokenizer_dir, out_dir) -> pathlib.Path:

@@ -230,12 +230,61 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def vision_layout(image_grid_thw, vcfg: VisionConfig, *, bucket: bool = False) -> VisionLayout:
+class LayoutSizes(NamedTuple):
+    """Array sizes of a VisionLayout: patches, full-attention segment length and count, window segment count.
+    Layouts built with the same sizes stack into one array per field (per-row or per-example images)."""
+
+    num_patches: int
+    full_len: int
+    full_segments: int
+    window_segments: int
+
+
+def _grid_stats(grid: np.ndarray, vcfg: VisionConfig) -> tuple[int, int, int, int]:
+    """(patches, frames, largest frame, windows) of a list of image grids [N, 3]."""
+    m, ws = vcfg.spatial_merge_size, vcfg.window_units
+    t, h, w = grid[:, 0], grid[:, 1], grid[:, 2]
+    windows = t * -(-(h // m) // ws) * -(-(w // m) // ws)
+    return int((t * h * w).sum()), int(t.sum()), int((h * w).max()), int(windows.sum())
+
+
+def layout_sizes(grids: list, vcfg: VisionConfig) -> LayoutSizes:
+    """The smallest common (power-of-two bucketed) LayoutSizes that fit every grid list in `grids` (one per
+    row or example; an empty list stands for a row without images: see `row_grid`)."""
+    stats = [_grid_stats(row_grid(g, vcfg), vcfg) for g in grids]
+    if not stats:
+        raise ValueError("layout_sizes: no grid")
+    n_total = max(_pow2(n) for n, *_ in stats)
+    full_len = max(_pow2(big) for _, _, big, _ in stats)
+    win_len = vcfg.window_units ** 2 * vcfg.merge_unit
+    full = max(frames + -(-(n_total - n) // full_len) for n, frames, _, _ in stats)
+    window = max(wins + -(-(n_total - n) // win_len) for n, _, _, wins in stats)
+    return LayoutSizes(n_total, full_len, full, window)
+
+
+def stacked_layouts(grids: list, vcfg: VisionConfig, sizes: LayoutSizes | None = None) -> VisionLayout:
+    """One layout per grid list (row or example), stacked: every field gains a leading axis."""
+    sizes = sizes or layout_sizes(grids, vcfg)
+    layouts = [vision_layout(row_grid(g, vcfg), vcfg, sizes=sizes) for g in grids]
+    return jax.tree.map(lambda *xs: np.stack(xs), *layouts)
+
+
+def row_grid(grid, vcfg: VisionConfig) -> np.ndarray:
+    """A row's grids [N, 3]; a row without images gets one smallest stand-in image (whose features no
+    token picks), so that every row's layout is well-formed."""
+    grid = np.asarray(grid, np.int64).reshape(-1, 3)
+    m = vcfg.spatial_merge_size
+    return grid if len(grid) else np.array([[1, m, m]], np.int64)
+
+
+def vision_layout(image_grid_thw, vcfg: VisionConfig, *, bucket: bool = False,
+                  sizes: LayoutSizes | None = None) -> VisionLayout:
     """The window reordering, its inverse, rotary positions and attention segments for a batch of images
     (numpy, from the concrete `image_grid_thw` [N, 3]), exactly as transformers' vision tower computes them.
 
     bucket: round every size up to a power of two (padding patches at the end; feed `pixel_values` padded
     with zero rows to `layout.num_patches`, or let the model pad them), so that jit sees few shapes.
+    sizes: exactly these array sizes (`layout_sizes`), e.g. to stack the layouts of several rows.
     """
     grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
     if not len(grid):
@@ -262,14 +311,18 @@ def vision_layout(image_grid_thw, vcfg: VisionConfig, *, bucket: bool = False) -
         cols = np.arange(w).reshape(1, 1, lw, m).repeat(lh, 0).repeat(m, 1).transpose(0, 2, 1, 3).reshape(-1)
         rope.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
     n_real = offset * u
-    n_total = _pow2(n_real) if bucket else n_real
+    n_total = sizes.num_patches if sizes else _pow2(n_real) if bucket else n_real
+    if n_total < n_real:
+        raise ValueError(f"vision layout: {n_real} patches exceed sizes.num_patches={n_total}")
     units = np.concatenate(window_index + [np.arange(offset, n_total // u)])
     patch_order = (units[:, None] * u + np.arange(u)).reshape(-1)
     rope_hw = np.concatenate(rope + [np.zeros((n_total - n_real, 2), np.int64)])[patch_order]
-    full_len = _pow2(max(frame_lens)) if bucket else None
-    win_len = ws * ws * u if bucket else None
+    full_len = sizes.full_len if sizes else _pow2(max(frame_lens)) if bucket else None
+    win_len = ws * ws * u if bucket or sizes else None
 
-    def count(lens, seg_len):
+    def count(lens, seg_len, fixed):
+        if sizes:
+            return fixed
         pad = n_total - n_real
         return _pow2(len(lens) + -(-pad // seg_len)) if bucket else None
 
@@ -277,8 +330,10 @@ def vision_layout(image_grid_thw, vcfg: VisionConfig, *, bucket: bool = False) -
         patch_order=patch_order.astype(np.int32),
         unit_restore=np.argsort(units, kind="stable").astype(np.int32),
         rope_hw=rope_hw.astype(np.int32),
-        full=_segments(frame_lens, n_total, count(frame_lens, full_len), full_len),
-        window=_segments(window_lens, n_total, count(window_lens, win_len), win_len))
+        full=_segments(frame_lens, n_total, count(frame_lens, full_len, sizes and sizes.full_segments),
+                      full_len),
+        window=_segments(window_lens, n_total, count(window_lens, win_len, sizes and sizes.window_segments),
+                        win_len))
 
 
 def _concrete(x, what: str) -> np.ndarray:
@@ -486,7 +541,16 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             return x_btd
         if vision_layout is None:
             vision_layout = vision_layout_for(self, _concrete(image_grid_thw, "image_grid_thw"))
-        feats_ud = self.visual(jnp.asarray(pixel_values), vision_layout).astype(x_btd.dtype)
+        pixel_values = jnp.asarray(pixel_values)
+        if pixel_values.ndim == 3:  # per-row images [B, P, D], a stacked layout: each row picks its own
+            feats_bud = jax.vmap(self.visual)(pixel_values, vision_layout).astype(x_btd.dtype)
+            is_image = input_ids == self.vl_config.image_token_id
+            if valid_bt is not None:
+                is_image &= valid_bt
+            k = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats_bud.shape[1] - 1)
+            picked = jnp.take_along_axis(feats_bud, k[..., None], axis=1)
+            return jnp.where(is_image[..., None], picked, x_btd)
+        feats_ud = self.visual(pixel_values, vision_layout).astype(x_btd.dtype)
         is_image, k = image_token_index(input_ids, self.vl_config.image_token_id, valid_bt)
         picked = feats_ud[jnp.clip(k, 0, feats_ud.shape[0] - 1)]
         return jnp.where(is_image[..., None], picked, x_btd)
@@ -536,7 +600,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
                     vision_layout=vision_layout)
         if _is_traced(*args.values()):
             return self.forward(**args)
-        if pixel_values is not None:
+        if pixel_values is not None and np.ndim(pixel_values) == 2:  # per-row [B, P, D] come with their layout
             if image_grid_thw is None:
                 raise ValueError("pixel_values needs image_grid_thw")
             valid = attention_mask if segment_ids is None else np.asarray(segment_ids) > 0

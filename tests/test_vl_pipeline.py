@@ -1,0 +1,148 @@
+"""MERIT on a vision-language model: `python -m merit_jax.main --config configs/tiny_vl.py`, shrunk.
+
+One run (module fixture) of every stage on the tiny Qwen2.5-VL and the synthetic image-task mixture; then
+its pieces are checked: per-row image batches equal the flat form, per-example gradients with images equal
+single-example gradients, the language-only extraction, the frozen vision tower, and the export in
+transformers.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from merit_jax import checkpoint
+from merit_jax.data import packing
+from merit_jax.data import vision as V
+from merit_jax.data.mixture import load_mixture, load_tokenizer
+from merit_jax.extract import per_example_grads
+from merit_jax.losses import per_example_losses
+from merit_jax.models import params as P
+from merit_jax.models.inputs import batch_logits
+from merit_jax.models.io import load_model
+from merit_jax.models.qwen2_5_vl import generate_vl
+from merit_jax.train import frozen_names
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--config.data.synthetic.examples_per_task=24", "--config.basin.steps=6", "--config.extract.n_calib=6",
+    "--config.extract.dim=256", "--config.extract.micro_chunk=4", "--config.train.batch_size=4",
+    "--config.evaluate.baselines=()", "--config.evaluate.lmc_points=3", "--config.evaluate.noise_draws=1",
+    "--config.evaluate.noise_sigmas=(0.05,)", "--config.evaluate.max_new_tokens=3",
+]
+
+
+@pytest.fixture(scope="module")
+def vl_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vl_pipeline") / "wd"
+    cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/tiny_vl.py", "--workdir", str(workdir), *SMALL]
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))  # the run's resolved config
+    return workdir, cfg
+
+
+def test_every_stage_runs_on_the_tiny_vl_model(vl_run):
+    workdir, _ = vl_run
+    for rel in ("basin/merit_jax.json", "extract/tasks.json", "split/partition.json", "branches/0/final",
+                "branches/1/final", "merged/merit_jax.json", "hf/config.json", "hf/preprocessor_config.json",
+                "evaluate/results.json", "report/report.md"):
+        assert (workdir / rel).exists(), rel
+    tasks = json.loads((workdir / "extract/tasks.json").read_text())
+    assert sorted(t["name"] for t in tasks["tasks"]) == sorted(V.SYNTHETIC_VL_TASKS)
+    names = tasks["params"]["names"]  # the language model only (extract.exclude has ^visual/)
+    assert names and not any(n.startswith("visual/") for n in names)
+    groups = json.loads((workdir / "split/partition.json").read_text())["groups"]
+    assert sorted(t for g in groups for t in g) == sorted(V.SYNTHETIC_VL_TASKS) and len(groups) == 2
+    results = json.loads((workdir / "evaluate/results.json").read_text())
+    assert {"theta0", "merit", "branch0", "branch1"} <= set(results["models"])
+    assert set(results["models"]["merit"]["accuracy"]) == set(V.SYNTHETIC_VL_TASKS)  # generate_vl answered
+
+
+def test_branches_train_the_language_model_and_keep_the_frozen_vision_tower(vl_run):
+    workdir, cfg = vl_run
+    theta0 = checkpoint.load(workdir / "basin")
+    frozen = frozen_names(list(theta0), cfg.train.freeze)
+    assert frozen == {n for n in theta0 if n.startswith("visual/")}
+    for k in (0, 1):
+        branch = checkpoint.load(workdir / f"branches/{k}/final")
+        assert all(np.array_equal(branch[n], theta0[n]) for n in frozen)
+        assert not np.array_equal(branch["model/layers/0/mlp/up_proj/kernel"], theta0["model/layers/0/mlp/up_proj/kernel"])
+
+
+@pytest.fixture(scope="module")
+def calib(vl_run):
+    """θ⁰ and a few calibration examples of the run, with the run's image processor."""
+    workdir, cfg = vl_run
+    model = load_model(workdir / "basin")
+    mixture = load_mixture(cfg, load_tokenizer(cfg), None)
+    examples = [ex for t in mixture.tasks.values() for ex in t.calib[:2]]
+    return model, examples, V.row_images_for(cfg, model)(examples)
+
+
+def test_per_row_images_equal_the_flat_image_batch(calib):
+    model, examples, images = calib
+    rows = packing.plan_rows([len(e) for e in examples], seq_len=128, batch_size=2, seed=0, num_epochs=1.0)[:2]
+    images.fit(rows)
+    batch = images.add(packing.TokenTable(examples).rows(rows, 128), rows)
+    flat = V.vl_batch(examples, rows, 128, images.processor)
+    want = model(flat["input_ids"], pixel_values=flat["pixel_values"], image_grid_thw=flat["image_grid_thw"],
+                 segment_ids=flat["segment_ids"])
+    got = jax.jit(batch_logits)(model, batch)
+    real = flat["segment_ids"] > 0
+    assert len(flat["image_grid_thw"]) >= 3  # several images per row
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+
+
+def test_per_example_gradients_with_images_equal_single_example_gradients(calib):
+    model, examples, images = calib
+    examples = examples[:3]
+    singles = [[i] for i in range(len(examples))]
+    images.fit([[i] for i in range(len(images.examples))])
+    batch = images.add(packing.pad_batch(examples, 96), singles)
+    names = ["model/layers/1/mlp/down_proj/kernel", "model/layers/0/self_attn/q_proj/kernel"]
+    _, grads = per_example_grads(model, batch, names)
+
+    from flax import nnx
+    graphdef, params, rest = nnx.split(model, nnx.All(nnx.Param, lambda p, _: P.path_name(p) in names), ...)
+    for i, ex in enumerate(examples):
+        one = V.vl_batch(examples, [[i]], 96, images.processor)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p, rest)(jnp.asarray(one["input_ids"]), pixel_values=one["pixel_values"],
+                                                 image_grid_thw=one["image_grid_thw"])
+            return per_example_losses(logits, one["targets"], one["loss_mask"])[0]
+
+        want = P.flatten(jax.grad(loss)(params))
+        for n in names:
+            np.testing.assert_allclose(np.asarray(grads[n][i]), np.asarray(want[n]), atol=1e-6, rtol=1e-4)
+
+
+def test_the_vl_export_loads_in_transformers_and_decodes_like_the_merged_model(vl_run, calib):
+    workdir, _ = vl_run
+    _, examples, images = calib
+    merged = load_model(workdir / "merged")
+    back = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(workdir / "hf").eval()
+    ex = examples[0]
+    ids = ex.input_ids[None, :ex.prompt_len].astype(np.int64)
+    pv, grid = V.load_pixels([ex], images.processor)
+    hf_inputs = dict(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grid),
+                     mm_token_type_ids=torch.tensor((ids == back.config.image_token_id).astype(np.int64)))
+    with torch.no_grad():
+        want = back(**hf_inputs).logits.numpy()
+        hf_tokens = back.generate(**hf_inputs, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[:, ids.shape[1]:].numpy()
+    got = np.asarray(merged(ids, pixel_values=pv, image_grid_thw=grid))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_array_equal(generate_vl(merged, ids, None, pv, grid, max_new_tokens=4), hf_tokens)
