@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- model -------------------------------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
   m.hf_path = ""  # a local Hugging Face directory; "" builds `m.tiny` from random weights (needs `basin`)
+  m.model_type = "qwen2"  # family of the random model when hf_path is "": qwen2 (from `m.tiny`) | qwen2_5_vl
   # Architecture of the random tiny model (Qwen2Config fields); vocab_size comes from the tokenizer.
   m.tiny = ml_collections.ConfigDict(dict(
       hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -36,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.tasks = ()  # optional tuple of {"name": ..., "path": ...}; overrides `path`
   d.tokenizer = ""  # tokenizer directory; "" uses the model's (or the synthetic mixture's) tokenizer
   d.image_root = ""  # Vision-FLAN images resolve against this
+  d.image_min_pixels = 0  # Qwen2.5-VL image resize bounds (0: the model's preprocessor_config.json)
+  d.image_max_pixels = 0
+  d.max_image_pixels = 50_000_000  # image files larger than this (pixels) are refused, naming the record
   d.max_len = 128  # tokens per example; longer examples follow `truncation`
   d.truncation = "left"  # left (drop the oldest prompt tokens) | right | skip
   d.heldout_fraction = 0.1
@@ -91,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 2  # steps between training-loss log points (the report plots them)
   t.min_lr_ratio = 0.0  # the schedule decays to learning_rate * min_lr_ratio
   t.no_decay = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)embed_tokens/embedding$")  # no weight decay
+  t.freeze = ()  # regexes of parameters that get no update (VL configs: ("^visual/",), the vision tower)
   t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8
   t.momentum = 0.9  # sgd
   t.batch_tokens = 0  # >0: global batch given in tokens (rows = batch_tokens // seq_len) instead of batch_size

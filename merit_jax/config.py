@@ -16,6 +16,7 @@ CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("xla", "cudnn"),
+    "model.model_type": ("qwen2", "qwen2_5_vl"),
     "data.truncation": ("left", "right", "skip"),
     "extract.reduction": ("full", "stride", "sketch"),
     "extract.per_example": ("mean", "unit", "tokens"),

@@ -111,7 +111,9 @@ def test_per_example_gradients_with_images_equal_single_example_gradients(calib)
     singles = [[i] for i in range(len(examples))]
     images.fit([[i] for i in range(len(images.examples))])
     batch = images.add(packing.pad_batch(examples, 96), singles)
-    names = ["model/layers/1/mlp/down_proj/kernel", "model/layers/0/self_attn/q_proj/kernel"]
+    # language and vision tower tensors: with `^visual/` dropped from extract.exclude the tower counts too
+    names = ["model/layers/1/mlp/down_proj/kernel", "model/layers/0/self_attn/q_proj/kernel",
+             "visual/blocks/0/attn/qkv/kernel", "visual/merger/mlp/0/kernel"]
     _, grads = per_example_grads(model, batch, names)
 
     from flax import nnx
