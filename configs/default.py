@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.compute_dtype = "float32"  # "bfloat16" on accelerators
   m.remat = "none"  # none | full | dots (jax.checkpoint policy inside each decoder block)
   m.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+  m.logits_chunk = 512  # positions whose logits exist at once in a loss (0: all): [B, 512, V] fp32, not [B, S, V]
 
   # --- mesh --------------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tp=1))  # -1: all remaining devices

@@ -23,14 +23,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from merit_jax import checkpoint, diagnostics, losses, merge
+from merit_jax import checkpoint, diagnostics, merge
 from merit_jax import workdir as wd
 from merit_jax.data import packing
 from merit_jax.data.mixture import load_mixture, load_tokenizer
 from merit_jax.data.vision import row_images_for
 from merit_jax.models import params as P
 from merit_jax.models.generate import generate, left_pad
-from merit_jax.models.inputs import batch_logits
+from merit_jax.models.inputs import batch_token_ce
 from merit_jax.models.io import load_model
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Evaluator:
     """
 
     def __init__(self, template: nnx.Module, mixture, tokenizer, *, max_len: int, batch: int = 32,
-                 max_new_tokens: int = 16, make_images=None):
+                 max_new_tokens: int = 16, make_images=None, logits_chunk: int = 0):
         self.template, self.tokenizer = template, tokenizer
         self.make_images = make_images  # Qwen2.5-VL: examples -> RowImages (images per row, generate_vl)
         self.graphdef, _ = nnx.split(template)
@@ -107,8 +107,7 @@ class Evaluator:
 
         @jax.jit
         def row_losses(state, batch):
-            logits = batch_logits(nnx.merge(self.graphdef, state), batch)
-            ce = losses.token_ce(logits, batch["targets"]) * batch["loss_mask"]
+            ce = batch_token_ce(nnx.merge(self.graphdef, state), batch, logits_chunk) * batch["loss_mask"]
             return ce.sum(-1), batch["loss_mask"].sum(-1)
 
         self._row_losses = row_losses
@@ -215,7 +214,7 @@ def run(cfg, workdir: pathlib.Path) -> dict:
     template = load_model(models["theta0"])
     ev = Evaluator(template, mixture, tokenizer, max_len=cfg.data.max_len,
                    batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens,
-                   make_images=row_images_for(cfg, template))
+                   make_images=row_images_for(cfg, template), logits_chunk=int(cfg.model.get("logits_chunk", 0)))
     flats = {}
     results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()},
                "data": {"records": mixture.stats["records"], "truncated": mixture.stats["truncated"],

@@ -37,9 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from merit_jax import sketch as sk
 from merit_jax import workdir as wd
 from merit_jax.convert.hf import to_host
-from merit_jax.losses import per_example_losses
 from merit_jax.models import params as P
-from merit_jax.models.inputs import batch_keys, batch_logits, is_vl
+from merit_jax.models.inputs import batch_keys, batch_token_ce, is_vl
 from merit_jax.sharding import LOGICAL_RULES
 
 log = logging.getLogger(__name__)
@@ -82,11 +81,12 @@ def select_params(names: Sequence[str], include: Sequence[str] = (".*",),
 # Per-example loss and gradients
 # --------------------------------------------------------------------------------------------------
 
-def example_loss(model: nnx.Module, ex: Mapping[str, jax.Array]) -> jax.Array:
+def example_loss(model: nnx.Module, ex: Mapping[str, jax.Array], logits_chunk: int = 0) -> jax.Array:
     """One example's loss: the mean cross-entropy over its supervised tokens. `ex`: one row of a batch dict
     (text arrays [S]; a Qwen2.5-VL example also carries its own images, see merit_jax.models.inputs)."""
-    logits = batch_logits(model, {k: v[None] for k, v in ex.items()})
-    return per_example_losses(logits, ex["targets"][None], ex["loss_mask"][None])[0]
+    ce = batch_token_ce(model, {k: v[None] for k, v in ex.items()}, logits_chunk)[0]
+    mask = ex["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def split_model(model: nnx.Module, names: Sequence[str]):
@@ -103,10 +103,10 @@ def _flat(state: nnx.State) -> dict[str, jax.Array]:
     return {P.path_name(p): v[...] if isinstance(v, nnx.Variable) else v for p, v in nnx.to_flat_state(state)}
 
 
-def _vmapped_grads(graphdef, selected, rest, chunk, spmd_axes):
+def _vmapped_grads(graphdef, selected, rest, chunk, spmd_axes, logits_chunk=0):
     """(losses [C], {name: per-example gradient [C, ...]}) of a chunk of examples (batch-dict arrays [C, S])."""
     def loss(sel, ex):
-        return example_loss(nnx.merge(graphdef, sel, rest), ex)
+        return example_loss(nnx.merge(graphdef, sel, rest), ex, logits_chunk)
 
     losses, grads = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0), spmd_axis_name=spmd_axes)(
         selected, chunk)
@@ -135,6 +135,7 @@ class ExtractOptions:
     seed: int = 0  # of the sketch's hash
     micro_chunk: int = 16  # examples per vmap(grad) step (global, over all data shards)
     keep_example_sketches: bool = True
+    logits_chunk: int = 0  # model.logits_chunk: the loss's logits this many positions at a time (0: at once)
 
     def __post_init__(self):
         if self.reduction not in sk.REDUCTIONS:
@@ -154,7 +155,8 @@ class ExtractOptions:
         e = cfg.extract
         return cls(reduction=e.reduction, per_example=e.per_example, dim=int(e.dim), stride=int(e.stride),
                    seed=int(e.get("seed", cfg.get("seed", 0))), micro_chunk=int(e.micro_chunk),
-                   keep_example_sketches=bool(e.keep_example_sketches))
+                   keep_example_sketches=bool(e.keep_example_sketches),
+                   logits_chunk=int(cfg.model.get("logits_chunk", 0)))
 
 
 @dataclasses.dataclass
@@ -193,6 +195,7 @@ class _Plan:
     mesh: jax.sharding.Mesh | None
     batch_axes: tuple[str, ...]
     grad_specs: tuple[PartitionSpec, ...] | None  # per selected tensor, in layout order
+    logits_chunk: int = 0  # positions per logits chunk in each example's loss
 
     def reduce(self, flat, reduction):
         return sk.reduce_flat(flat, self.layout, reduction, d=self.dim, s=self.stride, seed=self.seed)
@@ -220,7 +223,7 @@ def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
     def chunk_step(carry, xs):
         acc, wsum = carry
         chunk, valid_c = xs
-        losses_c, grads = _vmapped_grads(plan.graphdef, selected, rest, chunk, spmd)
+        losses_c, grads = _vmapped_grads(plan.graphdef, selected, rest, chunk, spmd, plan.logits_chunk)
         if plan.grad_specs is not None:
             grads = {k: jax.lax.with_sharding_constraint(v, NamedSharding(plan.mesh, spec))
                      for (k, v), spec in zip(grads.items(), plan.grad_specs)}
@@ -278,7 +281,7 @@ class TaskExtractor:
         self.plan = _Plan(graphdef, self.layout, options.reduction,
                           options.example_reduction if options.keep_example_sketches else None,
                           options.dim, options.stride, options.seed, mesh, batch_axes,
-                          self._grad_specs(model) if mesh is not None else None)
+                          self._grad_specs(model) if mesh is not None else None, options.logits_chunk)
 
     def _grad_specs(self, model) -> tuple[PartitionSpec, ...]:
         """Per-example gradient [C, ...]: examples over the batch axes, parameter dims over tp only (the
@@ -451,7 +454,8 @@ def _options_record(cfg) -> dict[str, Any]:
     """What the outputs depend on besides θ⁰ and the data (stored in tasks.json, compared on skip)."""
     e = cfg.extract
     options = dataclasses.asdict(ExtractOptions.from_config(cfg))
-    options.pop("micro_chunk")  # changes memory and speed, not results
+    options.pop("micro_chunk")  # these two change memory and speed, not results
+    options.pop("logits_chunk")
     return {**options, "n_calib": int(e.n_calib), "include": list(e.include), "exclude": list(e.exclude)}
 
 

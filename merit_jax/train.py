@@ -41,10 +41,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from merit_jax import checkpoint as ckpt_lib
-from merit_jax import losses
 from merit_jax import workdir as wd
 from merit_jax.models import params as P
-from merit_jax.models.inputs import batch_keys, batch_logits
+from merit_jax.models.inputs import batch_keys, batch_token_ce
 from merit_jax.sharding import batch_sharding, make_mesh
 
 log = logging.getLogger(__name__)
@@ -110,6 +109,7 @@ class TrainSettings:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
+    logits_chunk: int = 0  # model.logits_chunk: positions per logits chunk in the loss (0: all at once)
     xla_options: tuple[tuple[str, Any], ...] = ()  # per-jit XLA options of the train / eval steps
 
     @classmethod
@@ -117,7 +117,7 @@ class TrainSettings:
         t, m = cfg.train, cfg.model
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: t.get(k) for k in fields if t.get(k, None) is not None}
-        for key in ("param_dtype", "compute_dtype", "remat", "attention"):
+        for key in ("param_dtype", "compute_dtype", "remat", "attention", "logits_chunk"):
             if m.get(key, None) is not None:
                 values[key] = m.get(key)
         values.setdefault("seed", cfg.get("seed", 0))
@@ -153,7 +153,7 @@ class TrainSettings:
         if not self.epochs > 0:
             errors.append(f"train.epochs={self.epochs} must be > 0")
         for key in ("warmup_steps", "checkpoint_every", "eval_every", "eval_batch_size", "grad_clip",
-                    "weight_decay", "batch_tokens"):
+                    "weight_decay", "batch_tokens", "logits_chunk"):
             if getattr(self, key) < 0:
                 errors.append(f"train.{key}={getattr(self, key)} must be >= 0")
         for key in ("batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every"):
@@ -285,10 +285,11 @@ class SplitModel:
         return P.shardings(self.abstract, mesh)
 
 
-def forward_losses(model: SplitModel, params, batch) -> tuple[jax.Array, jax.Array]:
+def forward_losses(model: SplitModel, params, batch, logits_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """(sum of CE over the supervised tokens of a batch dict, their number)."""
-    logits = batch_logits(model.module(params), batch)
-    return losses.token_losses(logits, batch["targets"], batch["loss_mask"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = batch_token_ce(model.module(params), batch, logits_chunk)
+    return jnp.sum(ce * mask), jnp.sum(mask)
 
 
 def _micro_batches(batch: dict, n_micro: int, mesh: Mesh | None) -> dict:
@@ -305,7 +306,7 @@ def _micro_batches(batch: dict, n_micro: int, mesh: Mesh | None) -> dict:
 
 def make_train_step(model: SplitModel, tx: optax.GradientTransformation, lr_fn, grad_accum: int = 1,
                     mesh: Mesh | None = None, param_shardings: Mapping[str, NamedSharding] | None = None,
-                    freeze: Sequence[str] = ()) -> Callable:
+                    freeze: Sequence[str] = (), logits_chunk: int = 0) -> Callable:
     """state, batch -> (state, metrics): one optimizer step on the global batch (not jitted here).
 
     Gradients of the summed loss are accumulated over `grad_accum` micro-batches (lax.scan) in fp32, sharded
@@ -316,7 +317,7 @@ def make_train_step(model: SplitModel, tx: optax.GradientTransformation, lr_fn, 
 
     def loss_of(params, micro):  # frozen parameters are constants: XLA drops their backward pass
         params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
-        return forward_losses(model, params, micro)
+        return forward_losses(model, params, micro, logits_chunk)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -353,13 +354,12 @@ def make_train_step(model: SplitModel, tx: optax.GradientTransformation, lr_fn, 
     return step
 
 
-def make_eval_step(model: SplitModel, num_tasks: int) -> Callable:
+def make_eval_step(model: SplitModel, num_tasks: int, logits_chunk: int = 0) -> Callable:
     """params, batch (+ `task_id` [B]) -> per-task (CE sum, supervised tokens, correct tokens), each [T]."""
     def step(params, batch):
-        logits = batch_logits(model.module(params), batch)
         mask = batch["loss_mask"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-        right = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+        ce, right = batch_token_ce(model.module(params), batch, logits_chunk, hits=True)
+        right = right.astype(jnp.float32)
         rows = [jnp.sum(ce * mask, -1), jnp.sum(mask, -1), jnp.sum(right * mask, -1)]
         return tuple(jax.ops.segment_sum(r, batch["task_id"], num_segments=num_tasks) for r in rows)
 
@@ -413,7 +413,7 @@ def build_step_functions(model: SplitModel, s: TrainSettings, num_steps: int, me
     batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_keys(model.vl_config is not None).items()}
     replicated = NamedSharding(mesh, PartitionSpec())
     options = dict(s.xla_options) or None
-    step = make_train_step(model, tx, lr_fn, s.grad_accum, mesh, param_sh, s.freeze)
+    step = make_train_step(model, tx, lr_fn, s.grad_accum, mesh, param_sh, s.freeze, s.logits_chunk)
     train_step = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                          donate_argnums=(0,), compiler_options=options)
     init = jax.jit(init_state, in_shardings=(param_sh,), out_shardings=state_sh, compiler_options=options)
@@ -459,7 +459,7 @@ class HeldoutEval:
     """Per-task held-out loss and token accuracy, one example per row, in fixed-size batches (one compile)."""
 
     def __init__(self, model: SplitModel, heldout: Mapping[str, Sequence], mesh: Mesh, seq_len: int, rows: int,
-                 param_shardings, xla_options=None, make_images: Callable | None = None):
+                 param_shardings, xla_options=None, make_images: Callable | None = None, logits_chunk: int = 0):
         self.tasks = [t for t in sorted(heldout) if heldout[t]]
         self.examples = [(i, ex) for i, t in enumerate(self.tasks) for ex in heldout[t]]
         self.mesh, self.rows, self.seq_len = mesh, rows, seq_len
@@ -470,7 +470,7 @@ class HeldoutEval:
             self.images = make_images([ex for _, ex in self.examples]).fit([[i] for i in range(len(self.examples))])
         keys = batch_keys(self.images is not None)
         batch_sh = {k: batch_sharding(mesh, nd) for k, nd in keys.items()} | {"task_id": batch_sharding(mesh, 1)}
-        self.step = jax.jit(make_eval_step(model, max(len(self.tasks), 1)), in_shardings=(param_shardings, batch_sh),
+        self.step = jax.jit(make_eval_step(model, max(len(self.tasks), 1), logits_chunk), in_shardings=(param_shardings, batch_sh),
                             out_shardings=(NamedSharding(mesh, PartitionSpec()),) * 3,
                             compiler_options=xla_options or None)
 
@@ -735,7 +735,7 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
                 run=ocp.args.JsonSave(description)))
 
         evaluator = HeldoutEval(model, heldout or {}, mesh, s.seq_len, s.eval_batch_size or s.batch_size,
-                                fns.param_shardings, dict(s.xla_options), make_images)
+                                fns.param_shardings, dict(s.xla_options), make_images, s.logits_chunk)
         metrics_log = MetricsLog(out_dir, start)
         watch = PreemptionWatch()
         if start == 0:  # the starting point's held-out numbers: what the run improves on

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from merit_jax.losses import chunked_token_ce
+
 TEXT_KEYS = {"input_ids": 2, "targets": 2, "loss_mask": 2, "segment_ids": 2, "positions": 2}  # key -> ndim
 _SEGMENT_FIELDS = ("gather", "valid", "scatter")
 _LAYOUT_NDIM = {"patch_order": 1, "unit_restore": 1, "rope_hw": 2, "gather": 2, "valid": 2, "scatter": 1}
@@ -58,3 +60,18 @@ def batch_logits(model, batch: Mapping[str, Any]):
     return model(batch["input_ids"], pixel_values=batch["pixel_values"],
                  positions=jnp.moveaxis(jnp.asarray(batch["mrope_positions"]), 1, 0),
                  segment_ids=batch["segment_ids"], vision_layout=layout_of(batch))
+
+
+def batch_hidden(model, batch: Mapping[str, Any]):
+    """Final hidden states [rows, S, D] of a batch dict (text or VL; VL inside a trace only)."""
+    if not is_vl(batch):
+        return model.hidden(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    return model.hidden(batch["input_ids"], pixel_values=batch["pixel_values"],
+                        positions=jnp.moveaxis(jnp.asarray(batch["mrope_positions"]), 1, 0),
+                        segment_ids=batch["segment_ids"], vision_layout=layout_of(batch))
+
+
+def batch_token_ce(model, batch: Mapping[str, Any], chunk: int = 0, hits: bool = False):
+    """Cross-entropy [rows, S] of every position of a batch dict (and argmax hits with `hits`), the logits
+    computed `chunk` positions at a time (model.logits_chunk; merit_jax.losses.chunked_token_ce)."""
+    return chunked_token_ce(batch_hidden(model, batch), model.logits, batch["targets"], chunk, hits)

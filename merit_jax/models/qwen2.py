@@ -212,9 +212,15 @@ class Qwen2ForCausalLM(nnx.Module):
     def __call__(self, input_ids: Array, positions: Array | None = None, segment_ids: Array | None = None,
                  attention_mask: Array | None = None) -> Array:
         """Full-sequence forward. `attention_mask` [B, T] (1 = real token) or packed `segment_ids` [B, T]."""
+        return self.logits(self.hidden(input_ids, positions, segment_ids, attention_mask))
+
+    def hidden(self, input_ids: Array, positions: Array | None = None, segment_ids: Array | None = None,
+               attention_mask: Array | None = None) -> Array:
+        """The final hidden states h [B, T, D] (what `logits` maps to the vocabulary): losses over a large
+        vocabulary compute the logits from them a chunk at a time (merit_jax.losses.chunked_token_ce)."""
         positions, mask = self.prepare(input_ids, positions, segment_ids, attention_mask)
         h_btd, _ = self.model(input_ids, positions, mask)
-        return self.logits(h_btd)
+        return h_btd
 
     @staticmethod
     def prepare(input_ids, positions, segment_ids, attention_mask):

@@ -613,6 +613,12 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, positions=None,
                 segment_ids=None, vision_layout=None) -> Array:
         """The traced forward behind __call__ (no host-side checks)."""
+        return self.logits(self.hidden(input_ids, pixel_values, image_grid_thw, attention_mask, positions,
+                                       segment_ids, vision_layout))
+
+    def hidden(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, positions=None,
+               segment_ids=None, vision_layout=None) -> Array:
+        """The final hidden states h [B, T, D] (traced; images need `vision_layout`), as Qwen2ForCausalLM.hidden."""
         input_ids = jnp.asarray(input_ids)
         valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         x_btd = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout, valid)
@@ -621,7 +627,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         order_bt = jnp.broadcast_to(jnp.arange(t), (b, t))  # causality is by index, not by position id
         mask = make_attention_mask(order_bt, segment_ids, attention_mask)
         h_btd, _ = self.model(input_ids, cos_sin(cos, sin), mask, inputs_embeds_btd=x_btd)
-        return self.logits(h_btd)
+        return h_btd
 
 
 def _is_traced(*xs) -> bool:
