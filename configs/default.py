@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.momentum = 0.9  # sgd
   t.batch_tokens = 0  # >0: global batch given in tokens (rows = batch_tokens // seq_len) instead of batch_size
   t.eval_batch_size = 0  # 0: batch_size
+  t.loader_threads = 1  # threads building batches (Qwen2.5-VL: image decoding; raise it for real images)
 
   # --- merge ---------------------------------------------------------------------------------------
   c.merge = g = ml_collections.ConfigDict()

@@ -59,8 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     t.epochs = 1.0
     t.batch_size = 128
     t.seq_len = 2048
+    t.loader_threads = 16  # image decoding + preprocessing: ~27 ms per Vision-FLAN image on one thread
     t.freeze = ("^visual/",)  # vision tower frozen (() to train it as well)
-    t.vision_bucket = True
     t.checkpoint_every = 200
 
     c.export.dtype = "bfloat16"

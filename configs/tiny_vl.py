@@ -41,7 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.split.depth = 1
     c.basin.steps = 100
     c.train.freeze = ("^visual/",)  # regexes of frozen parameters: the vision tower (() trains it too)
-    c.train.vision_bucket = True  # power-of-two vision layouts: few jit shapes
     c.train.batch_size = 8
     c.train.seq_len = 128
     return c

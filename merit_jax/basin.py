@@ -67,6 +67,10 @@ def run(cfg, workdir) -> Path | None:
     for key in ("warmup_steps", "batch_size", "schedule"):
         if b.get(key, None) is not None:
             overrides[key] = b.get(key)
+    # basin.freeze; else nothing frozen from a random start (its vision tower must learn); else train.freeze
+    freeze = b.get("freeze", None)
+    overrides["freeze"] = tuple(freeze if freeze is not None else () if not cfg.model.hf_path
+                                else cfg.train.get("freeze", ()))
     settings = TrainSettings.from_cfg(cfg, **overrides)
     mesh = mesh_for(cfg)
     settings.validate(mesh)  # before any data is read or a model built

@@ -113,24 +113,33 @@ class Evaluator:
         self._row_losses = row_losses
 
     def _make_batches(self, items):
+        """((batch_fn, starts), n): batch_fn(start) builds a batch when needed (images are decoded per batch,
+        never all at once)."""
         examples = [ex for _, ex in items]
         rows = packing.pad_batch(examples, self.max_len)
         n = len(examples)
         pad = (-n) % self.batch
         rows = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in rows.items()}
-        if self.make_images is not None:  # padding rows get stand-in images (well-formed, never picked)
-            rows = self.make_images(examples).fit([[i] for i in range(n)]).add(rows, [[i] for i in range(n)])
-        return [{k: jnp.asarray(v[i:i + self.batch]) for k, v in rows.items()}
-                for i in range(0, n + pad, self.batch)], n
+        images = None
+        if self.make_images is not None:  # sizes fitted once on every example: one compilation
+            images = self.make_images(examples).fit([[i] for i in range(n)])
+
+        def batch(i):
+            out = {k: v[i:i + self.batch] for k, v in rows.items()}
+            if images is not None:  # padding rows get stand-in images (well-formed, never picked)
+                out = images.add(out, [[j] for j in range(i, min(i + self.batch, n))])
+            return {k: jnp.asarray(v) for k, v in out.items()}
+
+        return (batch, range(0, n + pad, self.batch)), n
 
     def state_of(self, flat: dict) -> nnx.State:
         P.unflatten_into(self.template, flat)
         return nnx.split(self.template)[1]
 
     def task_losses(self, flat: dict, which: str = "heldout") -> dict[str, float]:
-        batches, n = self._batches[which]
+        (batch, starts), n = self._batches[which]
         state = self.state_of(flat)
-        sums, counts = zip(*[jax.device_get(self._row_losses(state, b)) for b in batches])
+        sums, counts = zip(*[jax.device_get(self._row_losses(state, batch(i))) for i in starts])
         sums, counts = np.concatenate(sums)[:n], np.concatenate(counts)[:n]
         items = self.heldout if which == "heldout" else self.train_sample
         out = {}
@@ -174,7 +183,7 @@ class Evaluator:
         pixel_values, grid = load_pixels(examples, images.processor, images.max_image_pixels)
         if not len(grid):
             return generate_vl(self.template, ids, mask, **kw)
-        return generate_vl(self.template, ids, mask, pixel_values, grid, **kw)
+        return generate_vl(self.template, ids, mask, pixel_values, grid, bucket=True, **kw)
 
     def evaluate(self, flat: dict) -> dict:
         loss, acc = self.task_losses(flat), self.accuracy(flat)
@@ -215,54 +224,61 @@ def run(cfg, workdir: pathlib.Path) -> dict:
     ev = Evaluator(template, mixture, tokenizer, max_len=cfg.data.max_len,
                    batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens,
                    make_images=row_images_for(cfg, template), logits_chunk=int(cfg.model.get("logits_chunk", 0)))
-    flats = {}
     results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()},
                "data": {"records": mixture.stats["records"], "truncated": mixture.stats["truncated"],
                         "skipped": mixture.stats["skipped"], "max_len": int(cfg.data.max_len),
                         "truncation": cfg.data.truncation,
                         "train_examples": {n: len(t.train) for n, t in mixture.tasks.items()},
                         "heldout_examples": {n: len(t.heldout) for n, t in mixture.tasks.items()}}}
+    # One model in host memory at a time besides θ⁰ (K = 8 branches of a 3B model would otherwise take
+    # ~150 GB): each model's own diagnostics are taken while it is loaded, the pairwise ones reload.
+    theta0, own = None, {"displacement": {}, "train_vs_heldout": {}, "noise": {}}
     for name, path in tqdm(models.items(), desc="evaluate", unit="model"):
         flat = load_flat(path)
-        results["models"][name] = dict(ev.evaluate(flat), path=str(path))
-        if name in DIAGNOSED or name.startswith("branch"):  # only these are needed again, by the diagnostics
-            flats[name] = flat
-        log.info("evaluate %-8s held-out loss %.4f  exact match %.3f", name,
-                 results["models"][name]["mean_loss"], results["models"][name]["mean_accuracy"])
-    results["diagnostics"] = merge_diagnostics(cfg, workdir, ev, flats)
+        result = results["models"][name] = dict(ev.evaluate(flat), path=str(path))
+        log.info("evaluate %-8s held-out loss %.4f  exact match %.3f", name, result["mean_loss"],
+                 result["mean_accuracy"])
+        if name == "theta0":
+            theta0 = flat
+        else:
+            model_diagnostics(cfg, ev, name, flat, theta0, result["mean_loss"], own)
+        del flat
+    results["diagnostics"] = {**branch_diagnostics(cfg, workdir, ev, models, theta0, results["models"]), **own}
     wd.write_json(out_file, results)
     return results
 
 
-def merge_diagnostics(cfg, workdir, ev: Evaluator, flats: dict) -> dict:
-    """The paper's merge-readiness checks, on the held-out loss (mean over tasks)."""
-    theta0 = {k: jnp.asarray(v) for k, v in flats["theta0"].items()}
-    branches = [n for n in flats if n.startswith("branch")]
-    loss = ev.mean_loss
-    out: dict = {}
-    if branches:
-        w = np.asarray(wd.read_json(wd.merged_dir(workdir) / merge.MERGE_INFO_FILE)["weights"], np.float64)
-        ends = {"theta0": theta0, **{b: flats[b] for b in branches}}
-        names = list(ends)
-        alphas = np.linspace(0.0, 1.0, int(cfg.evaluate.lmc_points))
-        out["lmc"] = []
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                barrier, curve = diagnostics.lmc_barrier(loss, ends[names[i]], ends[names[j]], alphas)
-                out["lmc"].append({"a": names[i], "b": names[j], "barrier": float(barrier),
-                                   "curve": [float(c) for c in curve]})
-        out["merging_gain"] = float(diagnostics.merging_gain(loss, [flats[b] for b in branches], w,
-                                                             merged=flats["merit"]))
-    out["displacement"] = {n: float(diagnostics.displacement(f, theta0)[0]) for n, f in flats.items()
-                           if n != "theta0"}
-    out["train_vs_heldout"] = {n: {"train": ev.mean_loss(flats[n], "train"), "heldout": ev.mean_loss(flats[n])}
-                               for n in ("merit", "joint", "joint2") if n in flats}
-    key = jax.random.key(int(cfg.seed))
-    out["noise"] = {}
-    for n in ("merit", "joint"):
-        if n in flats:
-            rob = diagnostics.noise_robustness(loss, flats[n], list(cfg.evaluate.noise_sigmas),
-                                               int(cfg.evaluate.noise_draws), key)
-            out["noise"][n] = {"clean": rob["clean"], "sigmas": {
-                str(s): {"mean": v["mean"], "std": v["std"]} for s, v in rob["by_sigma"].items()}}
-    return out
+def model_diagnostics(cfg, ev: Evaluator, name: str, flat: dict, theta0: dict, heldout_loss: float,
+                      out: dict) -> None:
+    """One model's merge-readiness numbers into `out`: displacement from θ⁰ (branches, merged, joint), train
+    vs held-out loss (merged, joint) and loss under relative weight noise (merged, joint)."""
+    if name in DIAGNOSED or name.startswith("branch"):
+        out["displacement"][name] = float(diagnostics.displacement(flat, theta0)[0])
+    if name in ("merit", "joint", "joint2"):
+        out["train_vs_heldout"][name] = {"train": ev.mean_loss(flat, "train"), "heldout": heldout_loss}
+    if name in ("merit", "joint"):
+        rob = diagnostics.noise_robustness(ev.mean_loss, flat, list(cfg.evaluate.noise_sigmas),
+                                           int(cfg.evaluate.noise_draws), jax.random.key(int(cfg.seed)))
+        out["noise"][name] = {"clean": rob["clean"], "sigmas": {
+            str(s): {"mean": v["mean"], "std": v["std"]} for s, v in rob["by_sigma"].items()}}
+
+
+def branch_diagnostics(cfg, workdir, ev: Evaluator, models: dict, theta0: dict, results: dict) -> dict:
+    """Linear-mode-connectivity barriers between θ⁰ and every branch, pairwise (the paper reports all of
+    them), and the merging gain Σ_k w_k L(θ_k) − L(θ̄) of Theorem 1, on the mean held-out loss. Branches are
+    loaded for each pair, so that at most two are in memory."""
+    branches = [n for n in models if n.startswith("branch")]
+    if not branches:
+        return {}
+    w = np.asarray(wd.read_json(wd.merged_dir(workdir) / merge.MERGE_INFO_FILE)["weights"], np.float64)
+    ends = ["theta0", *branches]
+    alphas = np.linspace(0.0, 1.0, int(cfg.evaluate.lmc_points))
+    lmc = []
+    for i, a in enumerate(ends):
+        params_a = theta0 if a == "theta0" else load_flat(models[a])
+        for b in ends[i + 1:]:
+            barrier, curve = diagnostics.lmc_barrier(ev.mean_loss, params_a, load_flat(models[b]), alphas)
+            lmc.append({"a": a, "b": b, "barrier": float(barrier), "curve": [float(c) for c in curve]})
+    # diagnostics.merging_gain's formula, from the losses already measured (θ̄ = the merged checkpoint)
+    gain = np.dot(w / w.sum(), [results[b]["mean_loss"] for b in branches]) - results["merit"]["mean_loss"]
+    return {"lmc": lmc, "merging_gain": float(gain)}

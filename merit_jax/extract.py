@@ -38,7 +38,7 @@ from merit_jax import sketch as sk
 from merit_jax import workdir as wd
 from merit_jax.convert.hf import to_host
 from merit_jax.models import params as P
-from merit_jax.models.inputs import batch_keys, batch_token_ce, is_vl
+from merit_jax.models.inputs import TEXT_KEYS, batch_keys, batch_token_ce, is_vl
 from merit_jax.sharding import LOGICAL_RULES
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 PER_EXAMPLE = ("mean", "unit", "tokens")
 STABILITY_SIZES = (10, 25, 50, 100, 200)
 BATCH_AXES = ("data", "fsdp")  # examples are sharded over every data-parallel mesh axis
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -326,13 +325,13 @@ class TaskExtractor:
 
     def lower(self, n: int, seq_len: int):
         """The lowered task function for n examples of seq_len tokens (for memory analysis)."""
-        fake = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+        fake = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in TEXT_KEYS}
         with _mesh_context(self.mesh):
             return self._fn.lower(self.plan, self.selected, self.rest, *self._device_inputs(fake))
 
     def trace_jaxpr(self, n: int, seq_len: int):
         """The task function's jaxpr for n examples of seq_len tokens (to inspect intermediate shapes)."""
-        fake = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+        fake = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in TEXT_KEYS}
         with _mesh_context(self.mesh):
             return jax.make_jaxpr(_task_impl, static_argnums=0)(self.plan, self.selected, self.rest,
                                                               *self._device_inputs(fake))
@@ -341,7 +340,7 @@ class TaskExtractor:
         """Extracts one task from its calibration batch dict (arrays [n, S], one example per row).
         `chunks`: pad to at least this many micro-chunks (tasks of different sizes then share a compilation;
         the padding chunks are skipped at run time)."""
-        for k in BATCH_KEYS:
+        for k in batch_keys(is_vl(batch)):
             if k not in batch:
                 raise ValueError(f"task {task!r}: the batch dict has no {k!r}")
         n = int(np.shape(batch["input_ids"])[0])

@@ -43,14 +43,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from merit_jax import checkpoint as ckpt_lib
 from merit_jax import workdir as wd
 from merit_jax.models import params as P
-from merit_jax.models.inputs import batch_keys, batch_token_ce
+from merit_jax.models.inputs import TEXT_KEYS, batch_keys, batch_token_ce
 from merit_jax.sharding import batch_sharding, make_mesh
 
 log = logging.getLogger(__name__)
 
 Path = pathlib.Path
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "terminated", after the state was saved
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -104,6 +103,7 @@ class TrainSettings:
     eval_every: int = 0  # steps; 0: only at the end
     eval_batch_size: int = 0  # rows per eval step, global; 0: batch_size
     log_every: int = 10
+    loader_threads: int = 1  # threads building batches (VL: image decoding and preprocessing)
     seed: int = 0
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -156,7 +156,7 @@ class TrainSettings:
                     "weight_decay", "batch_tokens", "logits_chunk"):
             if getattr(self, key) < 0:
                 errors.append(f"train.{key}={getattr(self, key)} must be >= 0")
-        for key in ("batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every"):
+        for key in ("batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every", "loader_threads"):
             if getattr(self, key) < 1:
                 errors.append(f"train.{key}={getattr(self, key)} must be >= 1")
         for key in ("no_decay", "freeze"):
@@ -315,27 +315,29 @@ def make_train_step(model: SplitModel, tx: optax.GradientTransformation, lr_fn, 
     """
     frozen = frozen_names(model.names, freeze)
 
-    def loss_of(params, micro):  # frozen parameters are constants: XLA drops their backward pass
-        params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
-        return forward_losses(model, params, micro, logits_chunk)
+    def loss_of(trainable, fixed, micro):  # gradients of the trainable part only: frozen ones cost nothing
+        return forward_losses(model, {**trainable, **fixed}, micro, logits_chunk)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def step(state, batch):
         params = state["params"]
+        trainable = {k: v for k, v in params.items() if k not in frozen}
+        fixed = {k: v for k, v in params.items() if k in frozen}
         if grad_accum == 1:
-            (total, n), grads = grad_fn(params, batch)
+            (total, n), grads = grad_fn(trainable, fixed, batch)
         else:
             def body(carry, micro):
                 g_acc, t_acc, n_acc = carry
-                (t, n_), g = grad_fn(params, micro)
+                (t, n_), g = grad_fn(trainable, fixed, micro)
                 return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, n_acc + n_), None
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
             if param_shardings is not None:  # else XLA may keep the accumulators whole on every device
-                zeros = jax.lax.with_sharding_constraint(zeros, dict(param_shardings))
+                zeros = jax.lax.with_sharding_constraint(zeros, {k: param_shardings[k] for k in zeros})
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
             (grads, total, n), _ = jax.lax.scan(body, init, _micro_batches(batch, grad_accum, mesh))
+        grads = {**grads, **jax.tree.map(jnp.zeros_like, fixed)}  # the optimizer gives frozen ones no update
         scale = 1.0 / jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -484,7 +486,7 @@ class HeldoutEval:
         batch["task_id"] = np.array([i for i, _ in chunk], np.int32)
         n_pad = self.per_process - len(chunk)  # empty rows carry no supervised token: they change no sum
         out = {}
-        for k in (*BATCH_KEYS, "task_id"):
+        for k in (*TEXT_KEYS, "task_id"):
             shape = (self.seq_len,) if k != "task_id" else ()
             dtype = np.float32 if k == "loss_mask" else np.int32
             pad = np.zeros((n_pad, *shape), dtype)
@@ -702,10 +704,13 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
         make_images = row_images_for(cfg, model)
         iterator = make_train_iterator(list(examples), seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
                                        num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
-                                       images=make_images(list(examples)) if make_images else None)
+                                       images=make_images(list(examples)) if make_images else None,
+                                       num_threads=s.loader_threads)
         if start:
             saved = manager.restore(start, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-            changed = {k: (saved.get(k), v) for k, v in description.items() if saved.get(k) != v}
+            defaults = {"freeze": []}  # keys added since older checkpoints were written
+            changed = {k: (saved.get(k, defaults.get(k)), v) for k, v in description.items()
+                       if saved.get(k, defaults.get(k)) != v}
             if changed:
                 raise ConfigError(f"{ckpt_dir} holds a run with other settings {changed} (saved, now): restore the "
                                   f"config, or delete {ckpt_dir} to start over")

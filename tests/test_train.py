@@ -99,6 +99,22 @@ def test_sharded_step_equals_single_device(single_device_run, axes, accum, remat
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=PARAM_ATOL, err_msg=name)
 
 
+def test_frozen_parameters_stay_put_with_accumulation_and_sharding(single_device_run):
+    """train.freeze: frozen tensors keep their start values bit for bit; the rest trains, and the sharded,
+    accumulated step equals the one-device step (frozen gradients are never computed or accumulated)."""
+    s = dataclasses.replace(single_device_run[0], freeze=(r"layers/0/",))
+    one_losses, one = _run_steps(make_mesh(1, 1, 1, devices=jax.devices()[:1]), s, BATCHES)
+    acc_losses, acc = _run_steps(make_mesh(2, 4, 1), dataclasses.replace(s, grad_accum=2), BATCHES)
+    start = random_params(tiny_hf_config(VOCAB), seed=1)
+    one, acc = jax.device_get(one["params"]), jax.device_get(acc["params"])
+    frozen = [n for n in start if "layers/0/" in n]
+    assert frozen and all(np.array_equal(one[n], start[n]) and np.array_equal(acc[n], start[n]) for n in frozen)
+    assert all(not np.array_equal(one[n], start[n]) for n in start if n not in frozen and "kernel" in n)
+    np.testing.assert_allclose(acc_losses, one_losses, rtol=LOSS_RTOL)
+    for name in one:
+        np.testing.assert_allclose(acc[name], one[name], rtol=0, atol=PARAM_ATOL, err_msg=name)
+
+
 def test_bf16_compute_keeps_fp32_master_weights_and_optimizer_state(single_device_run):
     s, want_losses, _ = single_device_run
     bf16 = dataclasses.replace(s, compute_dtype="bfloat16")

@@ -145,7 +145,7 @@ def test_tiny_vl_config_trains_with_the_vision_tower_frozen(setup):
     model = random_vl_model(_hf_config(setup))
     rows = plan_rows([len(e) for e in examples], seq_len=cfg.train.seq_len, batch_size=4, seed=0, num_epochs=1.0)
     batch = V.vl_batch(examples, rows[:4], cfg.train.seq_len, setup["processor"], vision=model.vl_config.vision,
-                       bucket=cfg.train.vision_bucket)
+                       bucket=True)
     graphdef, state = nnx.split(model)
     frozen = {k for k in P.flatten(state) if any(re.search(p, k) for p in cfg.train.freeze)}
     assert frozen and all(k.startswith("visual/") for k in frozen)
@@ -179,3 +179,25 @@ def test_tiny_vl_config_trains_with_the_vision_tower_frozen(setup):
     assert all(np.isfinite(np.asarray(v)).all() for v in g.values())  # empty bucket segments stay harmless
     layout = batch["vision_layout"]
     assert not layout.full.valid.any(-1).all() or not layout.window.valid.any(-1).all()  # there are some
+
+
+def test_image_tokens_must_match_images(setup):
+    """In a VL run every record goes through ImageEncoding: image tokens typed into a record without an image
+    are an error naming it; a row whose image tokens do not match its images is refused before the model."""
+    encoding = V.ImageEncoding(setup["cfg"], setup["tokenizer"])
+    text = Record("color", [{"role": "user", "content": "what is <|image_pad|>?"},
+                            {"role": "assistant", "content": "red"}], None, "mix.json [record 9]")
+    with pytest.raises(V.ImageError, match=r"mix.json \[record 9\]: 1 image placeholder\(s\) in the text for 0"):
+        encoding(ChatEncoder(setup["tokenizer"], images=True).encode([text])[0], text.where, 96, "skip")
+    plain = Record("color", [{"role": "user", "content": "say red"}, {"role": "assistant", "content": "red"}],
+                   None, "mix.json [record 10]")
+    ex, action = encoding(ChatEncoder(setup["tokenizer"], images=True).encode([plain])[0], plain.where, 96, "skip")
+    assert action == "kept" and ex.image_grid_thw.shape == (0, 3)
+    examples = setup["examples"][:2]
+    vl = VLConfig.from_hf(_hf_config(setup))
+    images = V.RowImages(examples, setup["processor"], vl).fit([[0], [1]])
+    from merit_jax.data.packing import TokenTable
+    batch = TokenTable(examples).rows([[0], [1]], 128)
+    batch["input_ids"][0, np.flatnonzero(batch["input_ids"][0] == vl.image_token_id)[0]] = 5  # one token gone
+    with pytest.raises(V.ImageError, match=r"the row holds \d+ image tokens, its images .* need"):
+        images.add(batch, [[0], [1]])

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from merit_jax.data import sources as src
 from merit_jax.data.records import DataError
 from merit_jax.data.tokenize import ChatEncoder, Example, truncate
-from merit_jax.data.vision import ImageEncoding
+from merit_jax.data.vision import ImageEncoding, is_vl_run
 
 log = logging.getLogger(__name__)
 _CHUNK = 1024  # records tokenised per batch call
@@ -67,14 +67,15 @@ def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
     d = cfg.data
     max_len, mode = int(d.max_len), d.get("truncation", "left")
     sources, families = src.resolve(cfg, workdir)
-    encoder = ChatEncoder(tokenizer)
-    images = ImageEncoding.for_tokenizer(cfg, tokenizer)  # None for text models
+    vl = is_vl_run(cfg)
+    encoder = ChatEncoder(tokenizer, images=vl)
+    images = ImageEncoding(cfg, tokenizer) if vl else None
     by_task = collections.defaultdict(list)  # task -> [(record index in task, Example)]
     stats = {k: collections.Counter() for k in ("records", "truncated", "skipped")}
 
     def flush(buffer):
         for r, ex in zip(buffer, encoder.encode(buffer)):
-            if r.image and images is not None:
+            if images is not None:
                 ex, action = images(ex, r.where, max_len, mode)
             else:
                 ex, action = truncate(ex, max_len, mode)
@@ -154,6 +155,9 @@ def fingerprint(cfg, tokenizer, sources) -> str:
                 st = f.stat()
                 h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
+    if is_vl_run(cfg):  # image token counts follow the processor's resize rules
+        from merit_jax.data.vision import processor_for
+        h.update(json.dumps(processor_for(cfg).to_dict(), sort_keys=True, default=str).encode())
     h.update(str(tokenizer.chat_template).encode())
     return h.hexdigest()
 

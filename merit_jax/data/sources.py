@@ -34,7 +34,7 @@ def synthetic_dir(cfg, workdir=None) -> pathlib.Path:
         from merit_jax.data import vision
 
         base = pathlib.Path(workdir) / "data" if workdir is not None else pathlib.Path(tempfile.mkdtemp())
-        out = base / f"synthetic-vl-s{seed}-n{n}"
+        out = base / f"synthetic-vl-v{vision.SYNTHETIC_VL_VERSION}-s{seed}-n{n}"
         if not (out / "families.json").exists():  # written last
             vision.write_synthetic_vl_mixture(out, seed=seed, examples_per_task=n)
         return out
@@ -48,8 +48,9 @@ def synthetic_dir(cfg, workdir=None) -> pathlib.Path:
 
 def tokenizer_dir(cfg) -> str:
     """cfg.data.tokenizer, else the model's directory, else the shipped synthetic (or synthetic VL) tokenizer."""
-    if cfg.data.get("tokenizer", "") or cfg.model.get("hf_path", ""):
-        return cfg.data.get("tokenizer", "") or cfg.model.get("hf_path", "")
+    given = cfg.data.get("tokenizer", "") or cfg.model.get("hf_path", "")
+    if given:
+        return given
     if cfg.data.get("synthetic", {}).get("kind", "text") == "vl":
         from merit_jax.data.vision import VL_TOKENIZER_DIR
         return str(VL_TOKENIZER_DIR)

@@ -44,7 +44,7 @@ class Example:
 class ChatEncoder:
     """Encodes Records with one tokenizer (a transformers fast tokenizer with a chat template)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, images: bool | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{tokenizer.name_or_path}: a fast (Rust) tokenizer is needed for offsets")
         if not tokenizer.chat_template:
@@ -53,8 +53,11 @@ class ChatEncoder:
         vocab = tokenizer.get_vocab()
         self.turn_end = "<|im_end|>" if "<|im_end|>" in vocab else tokenizer.eos_token
         # Vision-FLAN's "<image>" becomes Qwen2.5-VL's image placeholder (one <|image_pad|>, which the VL
-        # processor expands), or disappears for a text-only tokenizer.
-        self.image_text = QWEN_VL_IMAGE_TEXT if "<|image_pad|>" in vocab else ""
+        # processor expands) for a VL model, or disappears for a text model. `images` None: decided by the
+        # vocabulary (Qwen2.5's text tokenizers hold the vision tokens too: the mixture passes it explicitly).
+        if images is None:
+            images = "<|image_pad|>" in vocab
+        self.image_text = QWEN_VL_IMAGE_TEXT if images else ""
 
     def render(self, conversations, add_generation_prompt=False):
         if not conversations:

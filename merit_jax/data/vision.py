@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from collections.abc import Sequence
 
@@ -31,6 +32,8 @@ import numpy as np
 from merit_jax.data.records import DataError, Record
 from merit_jax.data.tokenize import Example, truncate
 
+log = logging.getLogger(__name__)
+SYNTHETIC_VL_VERSION = 1  # bump whenever write_synthetic_vl_mixture changes its output (names the cached copy)
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 IMAGE_TOKEN = "<|image_pad|>"
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # data.max_image_pixels: larger files are refused before decoding
@@ -265,6 +268,8 @@ class RowImages:
 
     def add(self, batch: dict, rows: Sequence[Sequence[int]]) -> dict:
         """`batch` (the text keys of these rows; more rows than `rows` are padding rows) plus the vision keys."""
+        import jax
+
         from merit_jax.models.inputs import layout_keys
         from merit_jax.models.mrope import mrope_positions
         from merit_jax.models.qwen2_5_vl import stacked_layouts
@@ -282,11 +287,18 @@ class RowImages:
                     raise ValueError(f"row of {[self.examples[i].where for i in r]}: {len(pv)} patches exceed the "
                                      f"{self.sizes.num_patches} fitted (fit every row the run will see)")
                 pixels[j, :len(pv)] = pv
+        tokens = ((np.asarray(batch["input_ids"]) == self.vl.image_token_id) & (np.asarray(batch["segment_ids"]) > 0))
+        for j, r in enumerate(rows):  # each image token must pick a feature of its own row
+            want = int(grids[j].prod(-1).sum()) // self.vl.vision.merge_unit
+            if int(tokens[j].sum()) != want:
+                raise ImageError(f"{[self.examples[i].where for i in r]}: the row holds {int(tokens[j].sum())} image "
+                                 f"tokens, its images {grids[j].tolist()} need {want}")
         every = np.concatenate(grids)
-        positions, _ = mrope_positions(batch["input_ids"], every if len(every) else None,
-                                       image_token_id=self.vl.image_token_id,
-                                       spatial_merge_size=self.vl.vision.spatial_merge_size,
-                                       segment_ids_bt=batch["segment_ids"])
+        with jax.default_device(jax.devices("cpu")[0]):  # host-side data work: never on the accelerator
+            positions, _ = mrope_positions(batch["input_ids"], every if len(every) else None,
+                                           image_token_id=self.vl.image_token_id,
+                                           spatial_merge_size=self.vl.vision.spatial_merge_size,
+                                           segment_ids_bt=batch["segment_ids"])
         layout = stacked_layouts(grids, self.vl.vision, self.sizes)
         return {**batch, "pixel_values": pixels, "mrope_positions": np.asarray(positions).transpose(1, 0, 2),
                 **layout_keys(layout)}
@@ -309,12 +321,18 @@ def build_vl_tokenizer(out_dir=VL_TOKENIZER_DIR) -> pathlib.Path:
 
 
 def processor_for(cfg):
-    """The run's image processor: the tokenizer / model directory's preprocessor_config.json (transformers'
-    defaults without one), resized within data.image_min_pixels / data.image_max_pixels when set."""
+    """The run's image processor: the preprocessor_config.json of model.hf_path, else of the tokenizer
+    directory (transformers' defaults, with a warning, without one), resized within data.image_min_pixels /
+    data.image_max_pixels when set."""
     from merit_jax.data.sources import tokenizer_dir
 
     d = cfg.data
-    return image_processor(tokenizer_dir(cfg), min_pixels=int(d.get("image_min_pixels", 0)) or None,
+    places = [p for p in (cfg.model.get("hf_path", ""), tokenizer_dir(cfg)) if p]
+    found = next((p for p in places if (pathlib.Path(p) / "preprocessor_config.json").is_file()), None)
+    if found is None:
+        log.warning("no preprocessor_config.json in %s: transformers' default Qwen2-VL image processor settings",
+                    places)
+    return image_processor(found, min_pixels=int(d.get("image_min_pixels", 0)) or None,
                            max_pixels=int(d.get("image_max_pixels", 0)) or None)
 
 
@@ -329,19 +347,26 @@ def row_images_for(cfg, model):
     return lambda examples: RowImages(examples, processor, vl, max_pixels)
 
 
+def is_vl_run(cfg) -> bool:
+    """Whether the run's model is a Qwen2.5-VL: model.model_type for a random start, else the model_type in
+    model.hf_path's config.json (decided by the model, not the tokenizer: Qwen2.5's text tokenizers hold the
+    vision tokens too)."""
+    path = cfg.model.get("hf_path", "")
+    if not path:
+        return cfg.model.get("model_type", "qwen2") == "qwen2_5_vl"
+    config = pathlib.Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "qwen2_5_vl"
+
+
 class ImageEncoding:
-    """Turns a tokenised image record into a VLExample and truncates it without cutting an image (the
-    mixture's step for Qwen2.5-VL tokenizers)."""
+    """Turns a tokenised record into a VLExample (image tokens expanded; a record whose text holds image
+    tokens without an image is an error naming it) and truncates it without cutting an image: the mixture's
+    step for every record of a Qwen2.5-VL run."""
 
     def __init__(self, cfg, tokenizer):
         self.processor = processor_for(cfg)
         self.ids = vision_token_ids(tokenizer)
         self.max_image_pixels = int(cfg.data.get("max_image_pixels", 0) or DEFAULT_MAX_IMAGE_PIXELS)
-
-    @staticmethod
-    def for_tokenizer(cfg, tokenizer) -> "ImageEncoding | None":
-        """None for a tokenizer without Qwen2.5-VL's image token (text models)."""
-        return ImageEncoding(cfg, tokenizer) if IMAGE_TOKEN in tokenizer.get_vocab() else None
 
     def __call__(self, ex: Example, where: str, max_len: int, mode: str):
         """(VLExample or None, "kept" | "truncated" | "skipped")."""
