@@ -52,6 +52,8 @@ def test_vision_tower_matches_transformers(tiny):
     with torch.no_grad():
         want = ref.model.visual(torch.tensor(pv), grid_thw=torch.tensor(grid)).pooler_output.numpy()
     np.testing.assert_allclose(np.asarray(ours.image_features(pv, grid)), want, atol=TOL, rtol=0)
+    # the two small frames share one full-attention segment (attending only within themselves)
+    assert vision_layout(grid, ours.vl_config.vision).full.gather.shape[0] == len(grid) - 1
 
 
 # The parity cases, run by us as one padded batch (one compilation serves every parity test below).

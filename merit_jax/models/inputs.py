@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from merit_jax.losses import chunked_token_ce
 
 TEXT_KEYS = {"input_ids": 2, "targets": 2, "loss_mask": 2, "segment_ids": 2, "positions": 2}  # key -> ndim
-_SEGMENT_FIELDS = ("gather", "valid", "scatter")
-_LAYOUT_NDIM = {"patch_order": 1, "unit_restore": 1, "rope_hw": 2, "gather": 2, "valid": 2, "scatter": 1}
+_SEGMENT_FIELDS = ("gather", "piece", "scatter")
+_LAYOUT_NDIM = {"patch_order": 1, "unit_restore": 1, "rope_hw": 2, "gather": 2, "piece": 2, "scatter": 1}
 VISION_KEYS = {"pixel_values": 3, "mrope_positions": 3,
                **{f"vision/{f}": 1 + _LAYOUT_NDIM[f] for f in ("patch_order", "unit_restore", "rope_hw")},
                **{f"vision/{seg}/{f}": 1 + _LAYOUT_NDIM[f] for seg in ("full", "window") for f in _SEGMENT_FIELDS}}

@@ -175,13 +175,15 @@ _ACTIVATIONS = {"silu": jax.nn.silu, "gelu": functools.partial(jax.nn.gelu, appr
 
 
 class SegmentGather(NamedTuple):
-    """Attention within segments of a sequence, on a padded [S, L] gather of it.
+    """Attention within pieces of a sequence (a frame, a window), on a padded [S, L] gather of it: a segment
+    of L slots holds one piece, or several consecutive ones (packed frames), which attend only to themselves.
 
-    gather int32 [S, L]: sequence index of each slot (padding slots repeat the segment's first token);
-    valid bool [S, L]: real slots; scatter int32 [P]: flat slot (s * L + j) of each sequence position."""
+    gather int32 [S, L]: sequence index of each slot (empty slots repeat the segment's first token);
+    piece int32 [S, L]: the piece of each slot, -1 for empty slots (attention mask: same piece);
+    scatter int32 [P]: flat slot (s * L + j) of each sequence position."""
 
     gather: Array
-    valid: Array
+    piece: Array
     scatter: Array
 
 
@@ -205,25 +207,44 @@ class VisionLayout(NamedTuple):
         return int(self.patch_order.shape[0])
 
 
-def _segments(lengths: list[int], n_total: int, num_segments: int | None, seg_len: int | None) -> SegmentGather:
-    """Contiguous segments of `lengths` (then padding tokens up to n_total, in chunks) as a SegmentGather."""
+def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Consecutive lengths grouped greedily into bins of at most `capacity`."""
+    bins: list[list[int]] = []
+    for n in lengths:
+        if bins and sum(bins[-1]) + n <= capacity:
+            bins[-1].append(n)
+        else:
+            bins.append([n])
+    return bins
+
+
+def _segments(lengths: list[int], n_total: int, num_segments: int | None, seg_len: int | None,
+              pack: bool = False) -> SegmentGather:
+    """Pieces of `lengths` (contiguous, in order; then padding tokens up to n_total, in pieces of seg_len)
+    as a SegmentGather: one piece per segment, or with `pack` as many consecutive real pieces as fit."""
     lengths = [int(n) for n in lengths if n > 0]
     seg_len = max([*lengths, 1]) if seg_len is None else seg_len
     if lengths and max(lengths) > seg_len:
         raise ValueError(f"vision layout: a segment of {max(lengths)} patches exceeds the length {seg_len}")
     pad = n_total - sum(lengths)
-    lengths += [seg_len] * (pad // seg_len) + ([pad % seg_len] if pad % seg_len else [])
-    if num_segments is None:
-        num_segments = len(lengths)
-    if len(lengths) > num_segments:
-        raise ValueError(f"vision layout: {len(lengths)} segments exceed the bucket of {num_segments}")
-    lens = np.array(lengths + [0] * (num_segments - len(lengths)), np.int64)  # unused segments: empty
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    valid = np.arange(seg_len) < lens[:, None]
-    gather = np.where(valid, starts[:, None] + np.arange(seg_len), np.minimum(starts, n_total - 1)[:, None])
-    seg_of = np.repeat(np.arange(len(lengths)), lengths)
-    scatter = (seg_of * seg_len + np.arange(n_total) - starts[seg_of]).astype(np.int32)
-    return SegmentGather(gather.astype(np.int32), valid, scatter)
+    padding = [seg_len] * (pad // seg_len) + ([pad % seg_len] if pad % seg_len else [])
+    segments = (_pack(lengths, seg_len) if pack else [[n] for n in lengths]) + [[n] for n in padding]
+    num_segments = len(segments) if num_segments is None else num_segments
+    if len(segments) > num_segments:
+        raise ValueError(f"vision layout: {len(segments)} segments exceed the bucket of {num_segments}")
+    gather = np.full((num_segments, seg_len), n_total - 1, np.int32)  # unused segments: empty
+    piece = np.full((num_segments, seg_len), -1, np.int32)
+    scatter = np.zeros(n_total, np.int32)
+    pos = pid = 0
+    for i, seg in enumerate(segments):
+        gather[i] = pos
+        slot = 0
+        for n in seg:
+            gather[i, slot:slot + n] = pos + np.arange(n)
+            piece[i, slot:slot + n] = pid
+            scatter[pos:pos + n] = i * seg_len + slot + np.arange(n)
+            pos, slot, pid = pos + n, slot + n, pid + 1
+    return SegmentGather(gather, piece, scatter)
 
 
 def _pow2(n: int) -> int:
@@ -240,12 +261,13 @@ class LayoutSizes(NamedTuple):
     window_segments: int
 
 
-def _grid_stats(grid: np.ndarray, vcfg: VisionConfig) -> tuple[int, int, int, int]:
-    """(patches, frames, largest frame, windows) of a list of image grids [N, 3]."""
+def _grid_stats(grid: np.ndarray, vcfg: VisionConfig) -> tuple[int, list[int], int]:
+    """(patches, frame sizes in order, windows) of a list of image grids [N, 3]."""
     m, ws = vcfg.spatial_merge_size, vcfg.window_units
     t, h, w = grid[:, 0], grid[:, 1], grid[:, 2]
     windows = t * -(-(h // m) // ws) * -(-(w // m) // ws)
-    return int((t * h * w).sum()), int(t.sum()), int((h * w).max()), int(windows.sum())
+    frames = [int(hi * wi) for ti, hi, wi in grid.tolist() for _ in range(ti)]
+    return int((t * h * w).sum()), frames, int(windows.sum())
 
 
 def layout_sizes(grids: list, vcfg: VisionConfig) -> LayoutSizes:
@@ -254,11 +276,12 @@ def layout_sizes(grids: list, vcfg: VisionConfig) -> LayoutSizes:
     stats = [_grid_stats(row_grid(g, vcfg), vcfg) for g in grids]
     if not stats:
         raise ValueError("layout_sizes: no grid")
-    n_total = max(_pow2(n) for n, *_ in stats)
-    full_len = max(_pow2(big) for _, _, big, _ in stats)
+    n_total = max(_pow2(n) for n, _, _ in stats)
+    full_len = max(_pow2(max(frames)) for _, frames, _ in stats)
     win_len = vcfg.window_units ** 2 * vcfg.merge_unit
-    full = max(frames + -(-(n_total - n) // full_len) for n, frames, _, _ in stats)
-    window = max(wins + -(-(n_total - n) // win_len) for n, _, _, wins in stats)
+    # full attention: a row's frames packed into segments of full_len, as vision_layout lays them out
+    full = max(len(_pack(frames, full_len)) + -(-(n_total - n) // full_len) for n, frames, _ in stats)
+    window = max(wins + -(-(n_total - n) // win_len) for n, _, wins in stats)
     return LayoutSizes(n_total, full_len, full, window)
 
 
@@ -320,20 +343,20 @@ def vision_layout(image_grid_thw, vcfg: VisionConfig, *, bucket: bool = False,
     full_len = sizes.full_len if sizes else _pow2(max(frame_lens)) if bucket else None
     win_len = ws * ws * u if bucket or sizes else None
 
-    def count(lens, seg_len, fixed):
-        if sizes:
-            return fixed
+    if sizes:  # segment counts: the images' segments (frames packed), then the padding's
+        full_count, window_count = sizes.full_segments, sizes.window_segments
+    elif bucket:
         pad = n_total - n_real
-        return _pow2(len(lens) + -(-pad // seg_len)) if bucket else None
-
+        full_count = _pow2(len(_pack(frame_lens, full_len)) + -(-pad // full_len))
+        window_count = _pow2(sum(n > 0 for n in window_lens) + -(-pad // win_len))
+    else:
+        full_count = window_count = None
     return VisionLayout(
         patch_order=patch_order.astype(np.int32),
         unit_restore=np.argsort(units, kind="stable").astype(np.int32),
         rope_hw=rope_hw.astype(np.int32),
-        full=_segments(frame_lens, n_total, count(frame_lens, full_len, sizes and sizes.full_segments),
-                      full_len),
-        window=_segments(window_lens, n_total, count(window_lens, win_len, sizes and sizes.window_segments),
-                        win_len))
+        full=_segments(frame_lens, n_total, full_count, full_len, pack=True),
+        window=_segments(window_lens, n_total, window_count, win_len))
 
 
 def _concrete(x, what: str) -> np.ndarray:
@@ -391,7 +414,8 @@ def _rotate(x_pnh: Array, cos_ph: Array, sin_ph: Array) -> Array:
 def segment_attention(q_pnh: Array, k_pnh: Array, v_pnh: Array, seg: SegmentGather, implementation=None) -> Array:
     """Bidirectional attention inside each segment; [P, N, H] in and out."""
     q, k, v = (x[seg.gather] for x in (q_pnh, k_pnh, v_pnh))  # [S, L, N, H]
-    mask = jnp.asarray(seg.valid)[:, None, None, :]
+    piece = jnp.asarray(seg.piece)
+    mask = ((piece[:, :, None] == piece[:, None, :]) & (piece[:, None, :] >= 0))[:, None]  # [S, 1, L, L]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     s, length, n, h = out.shape
     return out.reshape(s * length, n, h)[seg.scatter]
