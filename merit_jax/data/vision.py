@@ -229,7 +229,7 @@ def vl_batch(examples: Sequence[VLExample], rows: Sequence[Sequence[int]], seq_l
     order = [examples[i] for r in rows for i in r]
     pixel_values, grid = load_pixels(order, processor, max_image_pixels)
     if vision is not None and len(grid):
-        from merit_jax.models.qwen2_5_vl import vision_layout
+        from merit_jax.models.vision_layout import vision_layout
 
         layout = vision_layout(grid, vision, bucket=bucket)
         batch["vision_layout"] = layout
@@ -261,7 +261,7 @@ class RowImages:
         return np.concatenate([g for g in got if g is not None] + [np.zeros((0, 3), np.int32)]).astype(np.int32)
 
     def fit(self, rows: Sequence[Sequence[int]]) -> "RowImages":
-        from merit_jax.models.qwen2_5_vl import layout_sizes
+        from merit_jax.models.vision_layout import layout_sizes
 
         self.sizes = layout_sizes([self.grids(r) for r in rows] or [[]], self.vl.vision)
         return self
@@ -272,7 +272,7 @@ class RowImages:
 
         from merit_jax.models.inputs import layout_keys
         from merit_jax.models.mrope import mrope_positions
-        from merit_jax.models.qwen2_5_vl import stacked_layouts
+        from merit_jax.models.vision_layout import stacked_layouts
 
         if self.sizes is None:
             raise RuntimeError("RowImages.fit(rows) first: it fixes the array sizes of the run")

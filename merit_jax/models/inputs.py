@@ -46,7 +46,7 @@ def layout_keys(layout) -> dict[str, Any]:
 
 def layout_of(batch: Mapping[str, Any]):
     """The VisionLayout held in a batch dict's vision/ entries."""
-    from merit_jax.models.qwen2_5_vl import SegmentGather, VisionLayout
+    from merit_jax.models.vision_layout import SegmentGather, VisionLayout
 
     seg = {s: SegmentGather(*(batch[f"vision/{s}/{f}"] for f in _SEGMENT_FIELDS)) for s in ("full", "window")}
     return VisionLayout(batch["vision/patch_order"], batch["vision/unit_restore"], batch["vision/rope_hw"],
