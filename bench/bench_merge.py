@@ -1,11 +1,16 @@
 """Merge benchmark: merit_jax.merge against mergekit's `linear` merge, same inputs, side by side.
 
     python bench/bench_merge.py [--k 4] [--data /tmp/merit_bench_merge] [--mergekit PATH/TO/mergekit-yaml]
+    python bench/bench_merge.py --format merit_jax [--k 4]     # merit_jax (Orbax) checkpoints in and out
 
 Builds K random Hugging Face checkpoints shaped like Qwen2.5-0.5B (bf16 safetensors, tied embeddings, written
 directly with numpy; reused on later runs), then runs each tool in its own subprocess under /usr/bin/time -v
 and reports wall time and peak resident memory, with the ratios, against two floors: one model's size
 (memory) and the time to read the K inputs and write one model on this disk (I/O).
+
+With --format merit_jax the K inputs are merit_jax checkpoints of the same model (merit_jax's parameter names
+and layouts, bf16, written by checkpoint.save) and only merit_jax runs (mergekit reads no Orbax); the floors
+are the same: one model's bf16 bytes and the raw read + write of the HF files of the same size.
 
 mergekit pulls in torch and accelerate; install it into a separate virtual environment that reuses the
 system packages, so the pinned torch is never replaced:
@@ -82,6 +87,31 @@ def build_inputs(data: pathlib.Path, k: int, cfg: dict) -> list[pathlib.Path]:
     return dirs
 
 
+def build_merit_jax_inputs(data: pathlib.Path, k: int, cfg: dict) -> list[pathlib.Path]:
+    """K merit_jax checkpoints of the model `cfg` describes, random N(0, 0.02) bf16 (names from the model)."""
+    sys.path.insert(0, str(REPO))
+    from flax import nnx
+
+    from merit_jax import checkpoint
+    from merit_jax.convert.hf import model_factory
+    from merit_jax.models import params as P
+
+    specs = P.specs(nnx.eval_shape(model_factory(cfg, dtype="bfloat16")))
+    dirs = []
+    for model in range(k):
+        d = data / f"ckpt{model}"
+        dirs.append(d)
+        if checkpoint.is_checkpoint(d):
+            continue
+        rng = np.random.default_rng(model)
+        tensors = {name: (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+                   for name, (shape, dtype) in specs.items()}
+        checkpoint.save(d, tensors, cfg, overwrite=True)
+        del tensors
+        print(f"built {d}", flush=True)
+    return dirs
+
+
 def io_floor(inputs: list[pathlib.Path], out_bytes: int, scratch: pathlib.Path) -> float:
     """Seconds to read every input safetensors file and write (and fsync) one model's bytes on this disk."""
     start = time.perf_counter()
@@ -102,6 +132,16 @@ def io_floor(inputs: list[pathlib.Path], out_bytes: int, scratch: pathlib.Path) 
     elapsed = time.perf_counter() - start
     scratch.unlink()
     return elapsed
+
+
+def warm_page_cache(dirs: list[pathlib.Path]) -> None:
+    """Reads every file under `dirs` once (so that the timed runs read from the page cache, as HF's do)."""
+    block = bytearray(16 << 20)
+    for d in dirs:
+        for f in sorted(p for p in d.rglob("*") if p.is_file()):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(block):
+                    pass
 
 
 def timed(cmd: list[str], env=None) -> dict:
@@ -138,6 +178,21 @@ def max_relative_difference(dir_a: pathlib.Path, dir_b: pathlib.Path) -> float:
     return worst
 
 
+def merit_jax_error(out: pathlib.Path, inputs: list[pathlib.Path], weights: list[float]) -> float:
+    """max |merged − Σ w_k θ_k| / max |Σ w_k θ_k| over a few tensors (the embedding among them), in float64."""
+    from merit_jax import checkpoint
+
+    names = sorted(checkpoint.tensor_specs(out))
+    sample = [n for n in names if "embed" in n] + names[1::97]
+    got = checkpoint.load(out, names=sample)
+    worst = 0.0
+    for name in sample:
+        ref = sum(w * checkpoint.load(d, names=[name])[name].astype(np.float64) for d, w in zip(inputs, weights))
+        err = np.max(np.abs(got[name].astype(np.float64) - ref)) / max(float(np.max(np.abs(ref))), 1e-30)
+        worst = max(worst, float(err))
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--k", type=int, default=4)
@@ -145,22 +200,29 @@ def main() -> None:
     ap.add_argument("--mergekit", default="/tmp/mkvenv/bin/mergekit-yaml")
     ap.add_argument("--layers", type=int, default=QWEN25_05B["num_hidden_layers"], help="fewer for a quick run")
     ap.add_argument("--repeats", type=int, default=2, help="runs per tool; the best is reported")
+    ap.add_argument("--format", choices=("hf", "merit_jax"), default="hf",
+                    help="kind of the K inputs and of the output (merit_jax: ours only)")
     args = ap.parse_args()
 
     cfg = dict(QWEN25_05B, num_hidden_layers=args.layers)
     data = pathlib.Path(args.data)
     inputs = build_inputs(data / f"k{args.k}_l{args.layers}", args.k, cfg)
+    hf_inputs = inputs
+    if args.format == "merit_jax":
+        inputs = build_merit_jax_inputs(data / f"k{args.k}_l{args.layers}", args.k, cfg)
     weights = [float(w) for w in np.arange(args.k, 0, -1) / np.arange(args.k, 0, -1).sum()]
-    model_bytes = sum((d / "model.safetensors").stat().st_size for d in inputs[:1])
+    model_bytes = sum((d / "model.safetensors").stat().st_size for d in hf_inputs[:1])
     n_params = sum(int(np.prod(s)) for s in qwen2_shapes(cfg).values())
     print(f"K = {args.k} inputs of {n_params / 1e6:.1f} M parameters, bf16, {model_bytes / 2**20:.0f} MiB each; "
           f"weights {np.round(weights, 4).tolist()}; {os.cpu_count()} CPU cores", flush=True)
 
-    io_floor(inputs, model_bytes, data / "io_floor.tmp")  # warms the page cache, so every run below reads warm
-    floor = io_floor(inputs, model_bytes, data / "io_floor.tmp")
+    io_floor(hf_inputs, model_bytes, data / "io_floor.tmp")  # warms the page cache
+    floor = io_floor(hf_inputs, model_bytes, data / "io_floor.tmp")
+    if args.format == "merit_jax":  # every run below reads warm
+        warm_page_cache(inputs)
     results: dict[str, list[dict]] = {"merit_jax": [], "mergekit": []}
-    have_mergekit = pathlib.Path(args.mergekit).is_file()
-    if not have_mergekit:
+    have_mergekit = pathlib.Path(args.mergekit).is_file() and args.format == "hf"
+    if not have_mergekit and args.format == "hf":
         print(f"mergekit not found at {args.mergekit}: only merit_jax runs (see this file's docstring)")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     ours_out, theirs_out = data / "out_merit_jax", data / "out_mergekit"
@@ -199,7 +261,10 @@ def main() -> None:
         print(f"max over tensors of max|merit_jax − mergekit| / max|merit_jax|: "
               f"{max_relative_difference(ours_out, theirs_out):.2g} (bf16: one unit in the last place is at most "
               "2^-7 = 0.0078 of the largest value)")
-    print(json.dumps({"floor_s": floor, "model_mib": model_mib, **{n: r for n, r in rows}}))
+    if args.format == "merit_jax":
+        print(f"max over sampled tensors of max|merit_jax − numpy average| / max|average|: "
+              f"{merit_jax_error(ours_out, inputs, weights):.2g} (bf16 output: one rounding is at most 2^-8 = 0.0039)")
+    print(json.dumps({"floor_s": floor, "model_mib": model_mib, "format": args.format, **{n: r for n, r in rows}}))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@
 Everything is written into a hidden temporary directory next to CKPT and renamed into place at the end, so a
 directory that exists under the final name is always complete. On several hosts every process takes part in
 the Orbax save (each writes the shards it owns); only process 0 writes the json files and renames.
+
+`save` writes a flat dict held in memory with one Orbax save; `Writer` writes the same format a few tensors at
+a time (Orbax partial saving), for a model that should never be whole in memory (the merge's output).
 """
 
 from __future__ import annotations
@@ -184,9 +187,12 @@ def read_hf_config(path: PathLike) -> dict:
 def _tree_metadata(path: pathlib.Path) -> Mapping[str, Any]:
     import orbax.checkpoint as ocp
 
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        meta = ckptr.metadata(path / PARAMS_DIR)
-    # orbax >= 0.11 wraps the tree in StepMetadata.item_metadata (a TreeMetadata); older returns the tree.
+    from etils import epath
+
+    # The handler's own metadata (the tree), not the Checkpointer's: a Writer-made params/ has no Checkpointer
+    # step metadata (_CHECKPOINT_METADATA), only the PyTree's.
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path / PARAMS_DIR))
+    # orbax >= 0.11 returns a TreeMetadata wrapping the tree; older ones the tree itself.
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     if not isinstance(tree, Mapping):
@@ -206,31 +212,11 @@ def tensor_specs(path: PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def save(
-    path: PathLike,
-    params: Mapping[str, Any],
-    hf_config: Mapping[str, Any],
-    tokenizer_dir: PathLike | None = None,
-    *,
-    overwrite: bool = False,
-    extra_json: Mapping[str, Any] | None = None,
-) -> pathlib.Path:
-    """Writes a merit_jax checkpoint atomically; returns its path.
-
-    params: flat {name: numpy array | jax.Array} (jax.Arrays may be sharded over hosts: every process must
-      call save with its part). Stored dtypes are kept exactly (bf16 stays bf16).
-    hf_config: the model's Hugging Face config dict (written as config.json).
-    tokenizer_dir: a directory whose tokenizer / processor files (TOKENIZER_FILES) are copied along.
-    overwrite: replace an existing checkpoint (or any existing non-empty directory) at `path`; without it
-      that is refused with FileExistsError.
-    extra_json: {file name: json-able object} written into the checkpoint too (e.g. how it was made).
-    """
-    path = pathlib.Path(path).absolute()
-    _check_params(params)
-    if not isinstance(hf_config, Mapping):
-        raise TypeError(f"hf_config must be a dict, got {type(hf_config).__name__}")
+def _check_save_args(path: pathlib.Path, hf_config, tokenizer_dir, overwrite: bool, extra_json) -> None:
     # Everything that can fail is checked before any process writes (a late failure on process 0 alone
     # would leave the others waiting at a barrier).
+    if not isinstance(hf_config, Mapping):
+        raise TypeError(f"hf_config must be a dict, got {type(hf_config).__name__}")
     if tokenizer_dir is not None and not pathlib.Path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} does not exist")
     for name in extra_json or {}:
@@ -245,18 +231,21 @@ def save(
         if not path.is_dir() or any(path.iterdir()):
             what = "a merit_jax checkpoint" if is_checkpoint(path) else "a non-empty path"
             raise FileExistsError(f"{path} is already {what}; pass overwrite=True to replace it")
-    import orbax.checkpoint as ocp
 
+
+def _start_temp_dir(path: pathlib.Path) -> pathlib.Path:
+    """The (fresh, empty) hidden temporary directory every process writes `path` into."""
     tmp = _temp_dir_for(path)
     if _is_primary():
         # A leftover temp dir is the remains of a killed save: never complete, safe to discard.
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _sync(f"merit_jax.checkpoint.save.mkdir:{path}")
+    return tmp
 
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(dict(params)))
 
+def _finish(tmp: pathlib.Path, path: pathlib.Path, hf_config, tokenizer_dir, extra_json) -> None:
+    """Writes the json files into `tmp` (process 0), then renames it to `path` once every process is done."""
     if _is_primary():
         write_json_atomic(tmp / CONFIG_FILE, dict(hf_config))
         if tokenizer_dir is not None:
@@ -270,8 +259,143 @@ def save(
     if _is_primary():
         replace_dir(tmp, path)
     _sync(f"merit_jax.checkpoint.save.renamed:{path}")
+
+
+def save(
+    path: PathLike,
+    params: Mapping[str, Any],
+    hf_config: Mapping[str, Any],
+    tokenizer_dir: PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    extra_json: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+    """Writes a merit_jax checkpoint atomically; returns its path.
+
+    params: flat {name: numpy array | jax.Array} (jax.Arrays may be sharded over hosts: every process must
+      call save with its part). Stored dtypes are kept exactly (bf16 stays bf16). The whole dict is written
+      by one Orbax save; to write a model a few tensors at a time, use `Writer`.
+    hf_config: the model's Hugging Face config dict (written as config.json).
+    tokenizer_dir: a directory whose tokenizer / processor files (TOKENIZER_FILES) are copied along.
+    overwrite: replace an existing checkpoint (or any existing non-empty directory) at `path`; without it
+      that is refused with FileExistsError.
+    extra_json: {file name: json-able object} written into the checkpoint too (e.g. how it was made).
+    """
+    path = pathlib.Path(path).absolute()
+    _check_params(params)
+    _check_save_args(path, hf_config, tokenizer_dir, overwrite, extra_json)
+    import orbax.checkpoint as ocp
+
+    tmp = _start_temp_dir(path)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(dict(params)))
+    _finish(tmp, path, hf_config, tokenizer_dir, extra_json)
     logger.info("saved %d tensors to %s", len(params), path)
     return path
+
+
+class Writer:
+    """Writes a merit_jax checkpoint a few tensors at a time, so that the model is never whole in memory.
+
+        with checkpoint.Writer(path, hf_config, tokenizer_dir=None, overwrite=False, extra_json=None) as w:
+            for part in parts:          # {name: array}, each name once in all
+                w.write(part)
+            w.commit()                  # -> path, complete
+        # leaving the block without commit() (an exception) discards everything written
+
+    The result is the same version-1 checkpoint `save` writes: `params/` is one Orbax PyTree checkpoint of the
+    flat dict, built with Orbax's partial saving (`orbax.checkpoint.experimental.v1.partial`): each `write`
+    adds its tensors to a pending partial checkpoint, `commit` finalizes it (a metadata-only merge of the
+    parts' OCDBT databases) and then renames the whole directory into place as `save` does. Each write is
+    written in the background while the caller prepares the next one (at most one write in flight), so the
+    memory in use is about two parts whatever the model's size. Each write costs more than the one before
+    (Orbax reads every earlier part's metadata): write in a few dozen parts at most, not tensor by tensor.
+
+    Several processes: every process makes the same calls with the same names; jax.Arrays sharded over the
+    processes are written shard by shard by the processes that own them (numpy arrays by process 0 only).
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        hf_config: Mapping[str, Any],
+        tokenizer_dir: PathLike | None = None,
+        *,
+        overwrite: bool = False,
+        extra_json: Mapping[str, Any] | None = None,
+    ):
+        self.path = pathlib.Path(path).absolute()
+        _check_save_args(self.path, hf_config, tokenizer_dir, overwrite, extra_json)
+        self._hf_config, self._tokenizer_dir, self._extra_json = dict(hf_config), tokenizer_dir, extra_json
+        self._names: set[str] = set()
+        self._pending = None  # the AsyncResponse of the write in flight
+        self._done = False
+        self._tmp = _start_temp_dir(self.path)
+        # Orbax's partial-save target; its finalized PyTree becomes params/ (see commit).
+        self._partial = self._tmp / f"{PARAMS_DIR}-partial"  # not hidden: Orbax globs for its parts
+
+    def write(self, params: Mapping[str, Any]) -> None:
+        """Adds tensors {name: array} (names not written before); returns once the previous write is on disk."""
+        if self._done:
+            raise RuntimeError(f"{self.path}: write after commit / abort")
+        if not params:
+            return
+        _check_params(params)
+        again = [name for name in params if name in self._names]
+        if again:
+            raise ValueError(f"{self.path}: tensor {again[0]!r} was already written")
+        from orbax.checkpoint.experimental.v1 import partial as ocp_partial
+
+        self._wait()
+        self._names.update(params)
+        self._pending = ocp_partial.save_async(self._partial, dict(params))
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def commit(self) -> pathlib.Path:
+        """Finishes the checkpoint and renames it into place (every process calls it); returns its path."""
+        if self._done:
+            raise RuntimeError(f"{self.path}: commit after commit / abort")
+        if not self._names:
+            raise ValueError(f"{self.path}: nothing was written")
+        from orbax.checkpoint.experimental.v1 import partial as ocp_partial
+
+        self._wait()
+        ocp_partial.finalize(self._partial)  # barriers inside: every process's parts are on disk after it
+        if _is_primary():
+            # The finalized partial checkpoint holds the PyTree in one subdirectory (v1's checkpointable layout);
+            # that directory alone is a complete Orbax PyTree checkpoint: it becomes params/.
+            trees = [p for p in self._partial.iterdir() if (p / "_METADATA").is_file()]
+            if len(trees) != 1:
+                raise RuntimeError(f"{self._partial}: expected one Orbax PyTree in the finalized partial save, "
+                                   f"found {[p.name for p in trees]}")
+            os.replace(trees[0], self._tmp / PARAMS_DIR)
+            shutil.rmtree(self._partial)
+        _finish(self._tmp, self.path, self._hf_config, self._tokenizer_dir, self._extra_json)
+        self._done = True
+        logger.info("saved %d tensors to %s", len(self._names), self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Discards everything written (the final path is left as it was)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - aborting anyway; the caller's exception is the one that matters
+            pass
+        if _is_primary():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # a no-op after commit()
 
 
 def replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:

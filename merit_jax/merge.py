@@ -14,8 +14,12 @@ Layout of this module:
 Memory: tensors are read piece by piece (HF: row blocks of at most `chunk_bytes`; Orbax: whole tensors, small
 ones grouped up to `chunk_bytes`), accumulated in float32 one input at a time, and written out. The working
 set is a few pieces whatever K is. An HF output is streamed straight into its safetensors files; a merit_jax
-output is one Orbax save, so the merged model (at the output dtype) is held until then, on the host or, with
-`placement`, in device shards.
+output is streamed group by group into a `checkpoint.Writer` (one Orbax partial save per group), so neither
+ever holds the merged model.
+
+Several processes (jax.distributed): every process runs the same merge; each reads, merges and writes only
+the shards it owns (`fsdp_placement`), process 0 writes the json files, and the output is renamed into place
+after a barrier (see `_process_split`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ METHODS = LINEAR_METHODS + RELATIVE_METHODS
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB"
+MAX_WRITES = 16  # merit_jax output: about this many Orbax partial saves (see _write_merit_jax)
 MERGE_INFO_FILE = "merit_merge.json"
 
 # Config keys that may differ between checkpoints of the same model (bookkeeping, not architecture).
@@ -612,21 +617,28 @@ def plan_pieces(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], chunk_byt
         yield group
 
 
-def _axpy_into(acc, c: float, x, scratch: dict | None = None):
-    """acc + c·x in float32; for numpy in place, the product going through one reused scratch buffer."""
+_AXPY_BLOCK_BYTES = 16 << 20  # float32 bytes of the product computed at a time
+
+
+def _axpy_into(acc, c: float, x):
+    """acc + c·x in float32; for numpy in place, the product taken in row blocks of _AXPY_BLOCK_BYTES.
+
+    The blocks keep the temporary c·x small: a whole-tensor product would cost as much memory as the
+    accumulator itself (the largest term of the merge's peak for a big embedding).
+    """
     if acc is None:
         if isinstance(x, np.ndarray):
             return np.multiply(x, np.float32(c), dtype=np.float32)
         return np.float32(c) * _f32(x)
     if isinstance(acc, np.ndarray) and isinstance(x, np.ndarray) and acc.ndim:
-        key = acc.shape
-        tmp = scratch.get(key) if scratch is not None else None
-        if tmp is None:
-            tmp = np.empty(acc.shape, np.float32)
-            if scratch is not None:
-                scratch[key] = tmp
-        np.multiply(x, np.float32(c), out=tmp, dtype=np.float32)
-        acc += tmp
+        rows = acc.shape[0]
+        step = max(1, _AXPY_BLOCK_BYTES // max(1, acc[:1].nbytes))
+        tmp = np.empty((min(step, rows), *acc.shape[1:]), np.float32)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = tmp[: stop - start]
+            np.multiply(x[start:stop], np.float32(c), out=block, dtype=np.float32)
+            acc[start:stop] += block
         return acc
     return acc + np.float32(c) * _f32(x)
 
@@ -644,6 +656,31 @@ class _LazyTensors:
         return self.sources[k].read([self.piece])[0]
 
 
+def _reads(sources, group, prefetch_bytes: int) -> Iterator[list]:
+    """source.read(group) for each source in turn.
+
+    When the group's stored bytes are at most `prefetch_bytes`, the next source's read runs in a thread while
+    the caller adds up the current one (reading a merit_jax checkpoint is mostly waiting for zstd in Orbax's
+    threads): one read at a time, two groups of inputs in memory. Big groups (one large tensor) are read
+    strictly one after the other, so that the peak stays one input tensor.
+    """
+    nbytes = sum(_nbytes(*sources[0].specs[name]) for name, _, _ in group)
+    if len(sources) < 2 or nbytes > prefetch_bytes:
+        for source in sources:
+            yield source.read(group)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="merge-read") as pool:
+        future = pool.submit(sources[0].read, group)
+        for following in sources[1:]:
+            arrays = future.result()
+            future = pool.submit(following.read, group)
+            yield arrays
+            del arrays
+        yield future.result()
+
+
 def _merge_group(group, sources, base, method, weights, out_dtypes, opts) -> list[Any]:
     """The merged pieces of one group, cast to their output dtypes."""
     floats = [is_float(sources[0].specs[name][1]) for name, _, _ in group]
@@ -653,14 +690,12 @@ def _merge_group(group, sources, base, method, weights, out_dtypes, opts) -> lis
         if base is not None and base_coef != 0.0:
             terms.append((base, base_coef))
         accs = [None] * len(group)
-        scratch: dict = {}
-        for src, c in terms:
-            arrays = src.read(group)
-            for i, x in enumerate(arrays):
+        for (_, c), arrays in zip(terms, _reads([src for src, _ in terms], group, opts.get("prefetch_bytes", 0))):
+            for i in range(len(arrays)):
                 if floats[i]:
-                    accs[i] = _axpy_into(accs[i], c, x, scratch)
+                    accs[i] = _axpy_into(accs[i], c, arrays[i])
+                    arrays[i] = None  # each input tensor freed as soon as it is added
             del arrays
-        del scratch
         if not terms:  # all weights 0 cannot happen (resolve_weights), kept for safety
             raise RuntimeError("no input has a non-zero weight")
     else:
@@ -676,10 +711,12 @@ def _merge_group(group, sources, base, method, weights, out_dtypes, opts) -> lis
         it = iter(firsts)
         accs = [a if f else next(it) for a, f in zip(accs, floats)]
     merged = []
-    for a, (name, _, _) in zip(accs, group):
+    for i, (name, _, _) in enumerate(group):
+        a, accs[i] = accs[i], None  # each float32 accumulator freed once cast
         if isinstance(a, np.generic):  # numpy turns 0-d results into scalars
             a = np.asarray(a)
         merged.append(a.astype(out_dtypes[name]) if a.dtype != out_dtypes[name] else a)
+        del a
     return merged
 
 
@@ -708,8 +745,10 @@ def merge_checkpoints(
     complete. method / weights / base / lam / density / drop_p / seed: see `merge_tensors`. dtype: output
     dtype of the floating tensors ('' or None keeps the inputs'). placement: for merit_jax inputs, a function
     (name, shape) -> jax Sharding to read and merge tensors in device shards (each process then handles the
-    shards it owns; linear methods only). info: extra fields for the merit_merge.json record. workers: groups
-    merged at once in threads (default: up to 4 for HF inputs, by CPU count; 1 for merit_jax inputs).
+    shards it owns; linear methods only). On several processes (jax.distributed) every process calls this
+    with the same arguments and the work is split between them: see `_process_split` (the default placement
+    is `fsdp_placement()`). info: extra fields for the merit_merge.json record. workers: groups merged at
+    once in threads (default: up to 4 for HF inputs, by CPU count; 1 for merit_jax inputs).
     """
     inputs = [pathlib.Path(p) for p in inputs]
     out = pathlib.Path(out).absolute()
@@ -730,6 +769,7 @@ def merge_checkpoints(
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} already exists; pass overwrite=True (--overwrite) to replace it")
 
+    placement, out_placement = _process_split(detect_kind(inputs[0]), method, placement)
     sources = [open_source(p, placement) for p in inputs]
     base_source = open_source(base, placement) if base is not None else None
     try:
@@ -745,7 +785,9 @@ def merge_checkpoints(
             if method in RELATIVE_METHODS else {},
             **dict(info or {}),
         }
-        opts = {"lam": lam, "density": density, "drop_p": drop_p, "seed": seed}
+        opts = {"lam": lam, "density": density, "drop_p": drop_p, "seed": seed,
+                # merit_jax inputs on the host: read the next input of a group while adding up this one
+                "prefetch_bytes": chunk_bytes if first.kind == "merit_jax" and placement is None else 0}
         split_rows = first.kind == "hf" and (method in LINEAR_METHODS or method == "task_arithmetic")
         groups = list(plan_pieces(first.specs, chunk_bytes, split_rows))
         config = _output_config(first.hf_config, out_dtype)
@@ -757,12 +799,35 @@ def merge_checkpoints(
                       max_shard_bytes, overwrite, workers or _default_workers(first.kind))
         else:
             _write_merit_jax(out, first, sources, base_source, groups, method, w, out_dtypes, opts, config,
-                             record, overwrite, workers or _default_workers(first.kind))
+                             record, overwrite, workers or _default_workers(first.kind), out_placement)
         logger.info("merged into %s in %.1f s", out, time.perf_counter() - start)
     finally:
         for s in sources + ([base_source] if base_source else []):
             s.close()
     return out
+
+
+def _process_split(kind: str, method: str, placement):
+    """(placement for reading and merging, placement for writing) given the number of processes.
+
+    One process: as given. Several (jax.distributed): each process must handle only its part. The linear
+    methods read, merge and write the shards each process owns (`fsdp_placement` unless a placement is given);
+    TIES and DARE need whole tensors (a per-tensor top-k, reproducible per-tensor masks), so every process
+    merges each tensor whole and writes only its shards of the result.
+    """
+    if kind != "merit_jax":
+        jax = sys.modules.get("jax")  # not imported for an HF merge unless the caller did
+        if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+            raise ValueError("Hugging Face merges run in one process; convert the inputs to merit_jax checkpoints "
+                             "(python -m merit_jax.convert hf-to-orbax) to merge on several processes")
+        return placement, None
+    import jax
+
+    if jax.process_count() == 1:
+        return placement, None
+    if method in LINEAR_METHODS or method == "task_arithmetic":
+        return placement or fsdp_placement(), None
+    return None, fsdp_placement()
 
 
 def _output_config(config: Mapping, out_dtype: np.dtype | None) -> dict:
@@ -776,8 +841,8 @@ def _output_config(config: Mapping, out_dtype: np.dtype | None) -> dict:
     return config
 
 
-def _merged_pieces(groups, sources, base, method, w, out_dtypes, opts, workers: int) -> Iterator[tuple[str, Any]]:
-    """(name, merged piece) in plan order; `workers` groups are merged at once in threads.
+def _merged_groups(groups, sources, base, method, w, out_dtypes, opts, workers: int) -> Iterator[tuple[list, list]]:
+    """(group, its merged pieces) in plan order; `workers` groups are merged at once in threads.
 
     numpy's large ufuncs and the file reads release the GIL, so on several cores one group's reading overlaps
     another's arithmetic and the caller's writing. At most workers + 1 groups are in flight (memory bound).
@@ -786,7 +851,7 @@ def _merged_pieces(groups, sources, base, method, w, out_dtypes, opts, workers: 
     groups = _progress(groups)
     if workers <= 1:
         for group in groups:
-            yield from zip((name for name, _, _ in group), run_group(group))
+            yield group, run_group(group)
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -798,17 +863,24 @@ def _merged_pieces(groups, sources, base, method, w, out_dtypes, opts, workers: 
                 pending.append((group, pool.submit(run_group, group)))
                 if len(pending) > workers:
                     done_group, future = pending.popleft()
-                    yield from zip((name for name, _, _ in done_group), future.result())
+                    yield done_group, future.result()
             while pending:
                 done_group, future = pending.popleft()
-                yield from zip((name for name, _, _ in done_group), future.result())
+                yield done_group, future.result()
         finally:
             for _, future in pending:
                 future.cancel()
 
 
+def _merged_pieces(groups, sources, base, method, w, out_dtypes, opts, workers: int) -> Iterator[tuple[str, Any]]:
+    """(name, merged piece) in plan order (see `_merged_groups`)."""
+    for group, merged in _merged_groups(groups, sources, base, method, w, out_dtypes, opts, workers):
+        yield from zip((name for name, _, _ in group), merged)
+
+
 def _default_workers(kind: str) -> int:
-    # Orbax restores run their own asyncio machinery: keep them on one thread.
+    # Orbax restores run their own asyncio loop and threads, and `_reads` already overlaps each read with the
+    # previous input's arithmetic: merit_jax groups are merged one at a time.
     return 1 if kind != "hf" else max(1, min(4, os.cpu_count() or 1))
 
 
@@ -847,12 +919,59 @@ def _write_hf(out, first, sources, base, groups, method, w, out_dtypes, opts, co
 
 
 def _write_merit_jax(out, first, sources, base, groups, method, w, out_dtypes, opts, config, record,
-                     overwrite, workers) -> None:
-    merged: dict[str, Any] = {}
-    for name, piece in _merged_pieces(groups, sources, base, method, w, out_dtypes, opts, workers):
-        merged[name] = piece
-    checkpoint.save(out, merged, config, tokenizer_dir=first.path if checkpoint.has_tokenizer(first.path) else None,
-                    overwrite=overwrite, extra_json={MERGE_INFO_FILE: record})
+                     overwrite, workers, out_placement=None) -> None:
+    """Streams the merged groups into a checkpoint.Writer, in batches of whole groups (each one partial save).
+
+    out_placement: on several processes, for tensors merged whole on every process (TIES, DARE): a function
+    (name, shape) -> Sharding; each process then writes only the shards of the result it owns.
+    """
+    tokenizer_dir = first.path if checkpoint.has_tokenizer(first.path) else None
+    # Each Writer.write is one Orbax partial save, and each costs more the more came before it (Orbax reads
+    # every earlier part's metadata): groups are batched into at most ~MAX_WRITES writes. The batch being
+    # filled and the one being written are the only merged tensors in memory (≈ 2/MAX_WRITES of the model).
+    out_bytes = sum(_nbytes(shape, out_dtypes[name]) for name, (shape, _) in first.specs.items())
+    write_bytes = max(1, out_bytes // MAX_WRITES)
+    with checkpoint.Writer(out, config, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+                           extra_json={MERGE_INFO_FILE: record}) as writer:
+        owned = total = 0
+        part, part_bytes = {}, 0
+        for group, merged in _merged_groups(groups, sources, base, method, w, out_dtypes, opts, workers):
+            for (name, _, _), piece in zip(group, merged):
+                if out_placement is not None and isinstance(piece, np.ndarray):
+                    piece = _global_array(piece, out_placement(name, piece.shape))
+                part[name] = piece
+                part_bytes += _nbytes(np.shape(piece), out_dtypes[name])
+                mine, size = _owned_elements(piece)
+                owned, total = owned + mine, total + size
+            del merged, piece
+            if part_bytes >= write_bytes:
+                writer.write(part)
+                part, part_bytes = {}, 0
+        writer.write(part)  # the rest (an empty part is nothing)
+        del part
+        writer.commit()
+    import jax
+
+    if jax.process_count() > 1:
+        logger.info("process %d of %d merged and wrote %d of the %d elements (the shards it owns)",
+                    jax.process_index(), jax.process_count(), owned, total)
+
+
+def _global_array(x: np.ndarray, sharding) -> Any:
+    """The same numpy array on every process -> a jax.Array with `sharding` (each process keeps its shards)."""
+    import jax
+
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _owned_elements(x) -> tuple[int, int]:
+    """(elements this process writes, elements of x): jax.Arrays are written by their replica-0 shards' owners."""
+    size = int(np.prod(np.shape(x), dtype=np.int64))
+    if not hasattr(x, "addressable_shards"):
+        import jax
+
+        return (size if jax.process_index() == 0 else 0), size  # numpy: Orbax writes it from process 0
+    return sum(int(np.prod(s.data.shape, dtype=np.int64)) for s in x.addressable_shards if s.replica_id == 0), size
 
 
 # ================================================================================== pipeline stage
@@ -884,8 +1003,6 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
     set), merge.weights for `weights`. θ⁰ for the relative methods: merge.base, else WORKDIR/basin.
     Skipped when WORKDIR/merged is already a complete checkpoint.
     """
-    import jax
-
     workdir = pathlib.Path(workdir)
     out = workdir / "merged"
     if checkpoint.is_checkpoint(out):
@@ -914,12 +1031,12 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
             raise MergeInputError(
                 f"method {method!r} needs θ⁰ as a merit_jax checkpoint: {base} is not one "
                 f"({checkpoint.checkpoint_problem(base)}); set merge.base (python -m merit_jax.convert hf-to-orbax)")
-    placement = fsdp_placement() if jax.process_count() > 1 and method not in ("ties", "dare") else None
+    # On several processes merge_checkpoints splits the work between them (each merges its shards).
     return merge_checkpoints(
         inputs, out, method=method, weights=weights, base=base, dtype=mcfg.get("dtype", "") or None,
         lam=float(mcfg.get("lam", 1.0)), density=float(mcfg.get("density", 0.2)),
         drop_p=float(mcfg.get("drop_p", 0.9)), seed=int(mcfg.get("seed", cfg.get("seed", 0))),
-        overwrite=True, placement=placement, info={"groups": groups, "tokens": partition.get("tokens")},
+        overwrite=True, info={"groups": groups, "tokens": partition.get("tokens")},
     )
 
 
@@ -967,6 +1084,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     method = args.method or ("weights" if weights else "uniform")
     try:
+        if detect_kind(args.ckpt[0]) == "merit_jax":
+            # Several processes (MERIT_COORDINATOR / SLURM / TPU, see merit_jax/distributed.py) merge together,
+            # each its own shards; a no-op for one process. HF merges never import jax.
+            from merit_jax import distributed
+
+            distributed.initialize()
         merge_checkpoints(
             args.ckpt, args.out, method=method, weights=weights, base=args.base, dtype=args.dtype or None,
             lam=args.lam, density=args.density, drop_p=args.drop_p, seed=args.seed, overwrite=args.overwrite,

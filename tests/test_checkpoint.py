@@ -106,6 +106,15 @@ def test_sharded_save_and_load_on_four_devices(tmp_path):
         assert out.sharding == col and out.dtype == jnp.bfloat16
         assert {s.data.shape for s in out.addressable_shards} == {(8, 2)}
         np.testing.assert_array_equal(np.asarray(out, np.float32), np.arange(64, dtype=np.float32).reshape(8, 8))
+        # the streaming Writer: each device's shard written on its own, read back resharded
+        streamed = path + "-streamed"
+        with checkpoint.Writer(streamed, {"model_type": "qwen2"}) as writer:
+            writer.write({"model/w": w})
+            writer.write({"model/b": np.ones(3, np.float32)})
+            writer.commit()
+        out = checkpoint.load(streamed, names=["model/w"], shardings={"model/w": col})["model/w"]
+        assert out.sharding == col and out.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.arange(64, dtype=np.float32).reshape(8, 8))
         print("OK")
         """
     )
@@ -115,6 +124,56 @@ def test_sharded_save_and_load_on_four_devices(tmp_path):
         [sys.executable, "-c", script, str(tmp_path / "c")], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_writer_streams_the_same_checkpoint_as_save(tmp_path):
+    params = _params(6)
+    names = list(params)
+    saved = checkpoint.save(tmp_path / "saved", params, HF_CONFIG)
+    target = tmp_path / "streamed"
+    with checkpoint.Writer(target, HF_CONFIG, extra_json={"how.json": {"parts": 3}}) as writer:
+        for part in (names[:1], names[1:4], names[4:]):
+            writer.write({n: params[n] for n in part})
+        assert not target.exists()  # nothing under the final name before commit
+        assert writer.commit() == target
+    assert checkpoint.is_checkpoint(target)
+    assert json.loads((target / "merit_jax.json").read_text()) == {"format": "merit_jax", "version": 1}
+    assert json.loads((target / "how.json").read_text()) == {"parts": 3}
+    assert checkpoint.read_hf_config(target) == HF_CONFIG
+    assert checkpoint.tensor_specs(target) == checkpoint.tensor_specs(saved)
+    loaded = checkpoint.load(target)
+    for name, value in params.items():
+        assert isinstance(loaded[name], np.ndarray) and loaded[name].dtype == np.dtype(value.dtype), name
+        np.testing.assert_array_equal(_bits(loaded[name]), _bits(value), err_msg=name)
+    # partial and sharded loads, as from a saved checkpoint
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("x",)),
+                                          jax.sharding.PartitionSpec())
+    name = "model/layers/1/mlp/up_proj/kernel"
+    got = checkpoint.load(target, names=[name], shardings=sharding)[name]
+    assert isinstance(got, jax.Array) and got.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(params[name]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "streamed"]
+
+
+def test_writer_discards_everything_unless_committed(tmp_path):
+    target = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="injected"):
+        with checkpoint.Writer(target, HF_CONFIG) as writer:
+            writer.write({"a": np.ones(3, np.float32)})
+            with pytest.raises(ValueError, match="'a' was already written"):
+                writer.write({"a": np.zeros(3, np.float32)})
+            writer.write({"b": np.ones(2, np.float32)})
+            raise RuntimeError("injected")
+    assert list(tmp_path.iterdir()) == []
+    with checkpoint.Writer(target, HF_CONFIG) as writer:
+        with pytest.raises(ValueError, match="nothing was written"):
+            writer.commit()
+    assert list(tmp_path.iterdir()) == []
+    # an existing checkpoint is refused before anything is written, as by save
+    checkpoint.save(target, {"w": np.ones(2, np.float32)}, HF_CONFIG)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        checkpoint.Writer(target, HF_CONFIG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
 def test_refuses_to_overwrite_unless_told(tmp_path):

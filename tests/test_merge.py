@@ -285,6 +285,37 @@ def test_sharded_placement_gives_the_same_merge(tmp_path):
         np.testing.assert_array_equal(host[name], dev[name])
 
 
+def test_merit_jax_output_is_written_in_batches_of_groups(tmp_path, monkeypatch):
+    # The merged model is never assembled: consecutive groups go to the checkpoint writer in about
+    # MAX_WRITES batches, each written (one Orbax partial save) as soon as it is full.
+    tensors = [_tensors("merit_jax", s, layers=4) for s in range(3)]
+    inputs = [checkpoint.save(tmp_path / f"in{i}", t, _hf_config(layers=4)) for i, t in enumerate(tensors)]
+    writes, real_write = [], checkpoint.Writer.write
+
+    def recording_write(self, part):
+        writes.append({name: np.asarray(x).nbytes for name, x in part.items()})
+        return real_write(self, part)
+
+    monkeypatch.setattr(checkpoint.Writer, "write", recording_write)
+    monkeypatch.setattr(merge, "MAX_WRITES", 4)
+    chunk = 200
+    out = merge.merge_checkpoints(inputs, tmp_path / "out", method="uniform", chunk_bytes=chunk)
+
+    groups = [[name for name, _, _ in g] for g in merge.plan_pieces(checkpoint.tensor_specs(inputs[0]), chunk, False)]
+    writes = [w for w in writes if w]  # the final (possibly empty) rest
+    assert [n for w in writes for n in w] == [n for g in groups for n in g]  # each tensor once, in plan order
+    ends = {g[-1] for g in groups}
+    assert all(list(w)[-1] in ends for w in writes)  # batches of whole groups
+    batch = sum(x.nbytes for x in tensors[0].values()) // 4
+    assert len(groups) > 8 and 3 <= len(writes) <= 5
+    for w in writes[:-1]:
+        last_group = next(g for g in groups if g[-1] == list(w)[-1])
+        assert sum(w.values()) >= batch > sum(w.values()) - sum(w[n] for n in last_group)  # full, not more
+    merged = checkpoint.load(out)
+    for name in tensors[0]:
+        _assert_close(merged[name], np.mean([t[name].astype(np.float64) for t in tensors], axis=0), name)
+
+
 def test_sharded_merge_on_four_devices(tmp_path):
     # Each device holds and merges only its shard of every tensor (the multi-host path, on fake devices).
     tensors = [_tensors("merit_jax", s) for s in range(3)]
