@@ -21,9 +21,12 @@ import logging
 import os
 import pathlib
 import shutil
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
 
 # jax and orbax are imported where they are used: a Hugging Face merge (merit_jax/merge.py) uses this
 # module's file helpers and should not pay seconds and ~150 MiB of resident memory for importing them.
