@@ -46,12 +46,15 @@ def get_config() -> ml_collections.ConfigDict:
   d.heldout_fraction = 0.1
   d.heldout_max = 64  # per task
   d.seed = 0
+  # the shipped mixture (merit_jax/data/synthetic.py, docs/DATA.md): 16 tasks in 4 families, sizes 0.5-1.5x the mean
   d.synthetic = ml_collections.ConfigDict(dict(seed=0, examples_per_task=240))
 
   # --- basin: short joint pre-alignment giving a merge-ready θ⁰ --------------------------------------
   c.basin = b = ml_collections.ConfigDict()
   b.enabled = True
-  b.steps = 150  # short: a shared basin, not a converged model (see docs/RESULTS.md)
+  # 150: the synthetic tasks' formats are learned (a mergeable θ⁰), their position skills half-way, so the task
+  # gradients show the families (~150-200 steps; docs/SPLIT.md); a shared basin, not a converged model
+  b.steps = 150
   b.learning_rate = 3e-3
 
   # --- extract: dataset-level gradients at θ⁰ -------------------------------------------------------

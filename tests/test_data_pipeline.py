@@ -74,7 +74,7 @@ def test_packing_loses_no_token_and_keeps_targets_inside_examples(examples):
     assert seen == collections.Counter(canonical(examples))  # one epoch: every example exactly once
     assert sum(float(b["loss_mask"].sum()) for b in batches) == sum(int(e.loss_mask.sum()) for e in examples)
     filled = sum(int((b["segment_ids"] > 0).sum()) for b in batches) / (len(batches) * 4 * SEQ)
-    assert filled > 0.85
+    assert filled > 0.8  # examples of 19-30 tokens: two fit a 64-token row
 
 
 def test_packed_rows_give_the_model_the_same_logits_as_each_example_alone(examples):

@@ -3,7 +3,6 @@
 import json
 import time
 
-import numpy as np
 from transformers import AutoTokenizer
 
 from merit_jax.data import synthetic
@@ -19,29 +18,34 @@ def test_generation_is_fast_deterministic_and_has_conflicting_families(tmp_path)
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(p.name for p in again.iterdir())
     assert all((out / f).read_bytes() == (again / f).read_bytes() for f in files)
-    assert (out / "copy.jsonl").read_bytes() != (other / "copy.jsonl").read_bytes()
+    assert (out / "first_copy.jsonl").read_bytes() != (other / "first_copy.jsonl").read_bytes()
     families = json.loads((out / "families.json").read_text())
-    assert len(families) >= 16 and set(families) == {f[:-6] for f in files if f.endswith(".jsonl")}
-    assert set(families.values()) == {"strings", "counts", "labels"}
+    assert len(families) == 16 and set(families) == {f[:-6] for f in files if f.endswith(".jsonl")}
+    assert set(families.values()) == {"first", "second", "penult", "last"}
     records = {t: [r for r, _ in iter_raw(out / f"{t}.jsonl")] for t in families}
-    sizes = [len(r) for r in records.values()]
-    assert max(sizes) >= 2.5 * min(sizes)
+    sizes = {t: len(r) for t, r in records.items()}
+    assert max(sizes.values()) >= 2.5 * min(sizes.values())
     shapes = {("messages" in r[0], "inputs" in r[0]) for r in records.values()}
     assert shapes == {(True, False), (False, True)}  # chat and FLAN records both
     pairs = {t: [_prompt_answer(r) for r in rs] for t, rs in records.items()}
-    answer_lengths = {len(a) for t, ps in pairs.items() if families[t] == "strings" for _, a in ps}
-    assert max(answer_lengths) >= 3 * min(answer_lengths)
-    # Same inputs, different kinds of output per family: digits, number words, yes/no.
-    kinds = {"strings": str.isdigit, "counts": synthetic.NUMBER_WORDS.__contains__, "labels": ("yes", "no").__contains__}
+    assert {len(a) for ps in pairs.values() for _, a in ps} == {1, 2, 3, 6}  # answer digits
+    # Every family has the same task sizes and answer lengths, so the same supervised tokens.
+    by_family = {}
     for t, ps in pairs.items():
-        assert all(p.split(": ")[1].isdigit() and 1 <= len(p.split(": ")[1]) <= 9 for p, _ in ps), t
-        assert all(kinds[families[t]](a) for _, a in ps), t
-    # Spot checks of the semantics (independent of the task table):
-    assert all(a == d.split(": ")[1] for d, a in pairs["copy"])
-    assert all(a == synthetic.NUMBER_WORDS[len(d.split(": ")[1])] for d, a in pairs["length"])
-    assert all((a == "yes") == ("0" in d.split(": ")[1]) for d, a in pairs["has_zero"])
-    for t in ("has_zero", "has_nine", "ends_same", "last_even"):  # labels are not one-sided
-        assert 0.25 < np.mean([a == "yes" for _, a in pairs[t]]) < 0.75, t
+        by_family.setdefault(families[t], []).append((len(ps), len(ps[0][1])))
+    assert len({tuple(sorted(v)) for v in by_family.values()}) == 1, by_family
+    # Semantics, independent of the task table: each family starts its answer from one input digit.
+    position = {"first": 0, "second": 1, "penult": -2, "last": -1}
+    for t, ps in pairs.items():
+        digits = [p.split(": ")[1] for p, _ in ps]
+        assert all(d.isdigit() and 3 <= len(d) <= 6 for d in digits), t
+        assert all(a[0] == d[position[families[t]]] for d, (_, a) in zip(digits, ps)), t
+    assert all(a == d.split(": ")[1][0] for d, a in pairs["first_copy"])
+    assert all(a == d.split(": ")[1][-2] * 2 for d, a in pairs["penult_twice"])
+    assert all(a == d.split(": ")[1][1] * 6 for d, a in pairs["second_repeat"])
+    assert all(a == "".join(str((int(d.split(": ")[1][-1]) + k) % 10) for k in range(3))
+               for d, a in pairs["last_count"])
+    assert pairs["last_count"][0][0].startswith("last count: ")
 
 
 def _prompt_answer(r):

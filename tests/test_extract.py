@@ -1,7 +1,9 @@
 """The extract stage: per-example gradients, their reductions, sharding, memory, the stage's outputs, errors.
 
 Two models: a random tiny HF Qwen2 (tests/hf_models.py) for exactness tests, and the synthetic mixture's
-shipped tiny model (θ⁰ from the basin stage with 0 steps) for the stage and the split-level comparisons.
+shipped tiny model (θ⁰ from the basin stage with 0 steps) for the stage. The split-level comparisons of the
+reductions (sketch and stride against full) and the family separation are made at the default θ⁰, in
+tests/test_default_split.py.
 """
 
 from __future__ import annotations
@@ -350,8 +352,7 @@ def test_gram_stability_and_layout_helpers():
 def synthetic(tmp_path_factory):
     """(cfg, workdir, tasks.json record) after the extract stage (reduction=full, 16 calibration examples)
     on the default 8-device mesh, at the θ⁰ the basin stage makes with basin.steps=0: the shipped random
-    tiny model. (After a few hundred basin steps the synthetic tasks are largely learned and their gradients
-    separate families much less; docs/EXTRACT.md has the numbers.)"""
+    tiny model (cheap: no training)."""
     from merit_jax import basin
     workdir = tmp_path_factory.mktemp("wd")
     cfg = get_config()
@@ -361,13 +362,6 @@ def synthetic(tmp_path_factory):
     cfg.extract.xla_options = FAST
     basin.run(cfg, workdir)
     return cfg, workdir, X.run(cfg, workdir)
-
-
-def _layout(record, workdir):
-    from merit_jax import checkpoint
-    specs = checkpoint.tensor_specs(workdir / "basin")
-    names = record["params"]["names"]
-    return sk.Layout(tuple(names), tuple(tuple(specs[n][0]) for n in names))
 
 
 def test_stage_outputs(synthetic):
@@ -420,85 +414,3 @@ def test_interrupted_stage_resumes_with_identical_outputs(synthetic, monkeypatch
     assert calls[5:] == [t["name"] for t in record["tasks"][5:]]  # the first five were not recomputed
     assert resumed == record
     np.testing.assert_array_equal(np.load(out / "task_grads.npy"), full)
-
-
-def _score_errors(scores_a, scores_b):
-    """Per principal axis, max |score difference| up to the axis's sign."""
-    return np.array([min(np.abs(scores_a[:, c] - scores_b[:, c]).max(), np.abs(scores_a[:, c] + scores_b[:, c]).max())
-                     for c in range(scores_a.shape[1])])
-
-
-def _near_a_cut(cos, tokens, depth, delta):
-    """Tasks whose score lies within 2 delta[l] of the cut that MERIT's split makes in their group at level l:
-    the only tasks a perturbation of every score by <= delta[l] can move across a cut."""
-    pca = S.pca_scores(cos, depth)
-    tok = np.asarray(tokens, np.float64)
-    groups, near = [np.arange(len(tok))], set()
-    for level in range(depth):
-        next_groups = []
-        for g in groups:
-            s = pca.scores_tr[g, level]
-            low, high = S.weighted_median_cut(s, tok[g], min_side=2 ** (depth - level - 1))
-            cut = 0.5 * (s[low].max() + s[high].min())
-            near |= {int(i) for i, si in zip(g, s) if abs(si - cut) <= 2 * delta[level]}
-            next_groups += [g[low], g[high]]
-        groups = next_groups
-    return near
-
-
-def test_sketch_and_stride_cosines_and_splits_match_full(synthetic):
-    """At the default d (sketch: extract.dim, stride: extract.stride): every cosine of the reduced task
-    gradients is within a bound of the exact one; the principal scores the split uses move by a few % of
-    their range; and conflict_split groups the tasks as `full` does, up to tasks that sit within that score
-    error of a cut. (A token-weighted median cut of indivisible tasks can fall inside a dense cluster of
-    scores, where any perturbation, a reduction's or another draw of calibration examples, swaps the two
-    tasks next to the cut: docs/EXTRACT.md.)"""
-    cfg, workdir, record = synthetic
-    grads = np.load(workdir / "extract" / "task_grads.npy")
-    layout = _layout(record, workdir)
-    names = [t["name"] for t in record["tasks"]]
-    tokens = [t["train_tokens"] for t in record["tasks"]]
-    t = len(names)
-    sketched = sketch_rows(grads, layout, cfg.extract.dim, cfg.extract.get("seed", 0))
-    strided = np.asarray(_row_reducer(layout, "stride", 1, cfg.extract.stride, 0)(grads))
-    np.testing.assert_array_equal(strided, grads[:, ::cfg.extract.stride])
-    exact = S.cosine_matrix(grads)
-    off = ~np.eye(t, dtype=bool)
-    report = {}
-    for label, reduced, bound in [("sketch", sketched, 5 / np.sqrt(cfg.extract.dim)), ("stride", strided, 0.1)]:
-        cos = S.cosine_matrix(reduced)
-        err = np.abs(cos - exact)[off]
-        # sketch: a cosine's error has std <= (1 - cos^2)/sqrt(d), so 5 sigma over the 153 pairs;
-        # stride: no theory (it depends on how evenly the gradient is spread over coordinates)
-        assert err.max() < bound, (label, err.max())
-        for depth in (1, 2):
-            full_scores = S.pca_scores(exact, depth).scores_tr
-            delta = _score_errors(full_scores, S.pca_scores(cos, depth).scores_tr)
-            assert (delta <= 0.05 * np.ptp(full_scores, axis=0)).all(), (label, depth, delta)
-            near = _near_a_cut(exact, tokens, depth, delta)
-            full_groups = S.conflict_split(grads, tokens, depth, names=names)
-            groups = S.conflict_split(reduced, tokens, depth, names=names)
-            a, b = S.labels_from_groups(full_groups, t), S.labels_from_groups(groups, t)
-            differ = np.argwhere((a[:, None] == a[None, :]) != (b[:, None] == b[None, :]))
-            assert all(int(i) in near or int(j) in near for i, j in differ), (label, depth, near, differ)
-            if depth == 1:
-                assert len(near) <= t // 2, (label, near)  # most tasks are pinned: the check has teeth
-            report[f"{label}, depth {depth}"] = dict(
-                max_cos_err=round(float(err.max()), 4), rms_cos_err=round(float(np.sqrt((err ** 2).mean())), 4),
-                score_err_over_range=[round(float(x), 3) for x in delta / np.ptp(full_scores, axis=0)],
-                near_cut=len(near), equal=groups == full_groups,
-                ari=round(S.adjusted_rand_index(a, b), 3))
-    print("reductions vs full:", report)
-
-
-def test_top_level_split_separates_families_better_than_random(synthetic):
-    cfg, workdir, record = synthetic
-    grads = np.load(workdir / "extract" / "task_grads.npy")
-    families = [t["family"] for t in record["tasks"]]
-    tokens = [t["train_tokens"] for t in record["tasks"]]
-    top = S.conflict_split(grads, tokens, 1, names=[t["name"] for t in record["tasks"]])
-    sep = S.family_separation(top, families, tokens, n_random=200)
-    print("top-level family separation:", sep)
-    assert sep["ari"] > sep["random_ari_mean"] + 3 * sep["random_ari_std"], sep
-    assert sep["purity"] > sep["random_purity_mean"], sep
-    assert sep["random_ari_rank"] >= 0.99, sep
