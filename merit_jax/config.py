@@ -41,6 +41,17 @@ def _get(cfg, dotted: str):
     return node
 
 
+def regex_errors(key: str, patterns) -> list[str]:
+    """One message per pattern of config key `key` that is not a valid regular expression."""
+    errors = []
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            errors.append(f"{key}: invalid regex {pattern!r}: {e}")
+    return errors
+
+
 def num_groups(cfg) -> int:
     return 1 if cfg.split.method == "none" else 2 ** int(cfg.split.depth)
 
@@ -64,11 +75,7 @@ def validate(cfg, stage: str = "all", branch: int | None = None) -> None:
     if cfg.split.method != "none" and not 1 <= cfg.split.depth <= 10:
         errors.append(f"split.depth={cfg.split.depth}: must be 1..10 for split.method={cfg.split.method!r}")
     for key in ("extract.include", "extract.exclude"):
-        for pattern in _get(cfg, key):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                errors.append(f"{key}: invalid regex {pattern!r}: {e}")
+        errors += regex_errors(key, _get(cfg, key))
     if cfg.merge.method == "weights" and not list(cfg.merge.weights):
         errors.append("merge.method='weights' needs merge.weights")
     bad = [b for b in cfg.evaluate.baselines if b not in BASELINES]

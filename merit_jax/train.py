@@ -159,12 +159,10 @@ class TrainSettings:
         for key in ("batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every", "loader_threads"):
             if getattr(self, key) < 1:
                 errors.append(f"train.{key}={getattr(self, key)} must be >= 1")
+        from merit_jax.config import regex_errors
+
         for key in ("no_decay", "freeze"):
-            for rx in getattr(self, key):
-                try:
-                    re.compile(rx)
-                except re.error as e:
-                    errors.append(f"train.{key}: bad regex {rx!r}: {e}")
+            errors += regex_errors(f"train.{key}", getattr(self, key))
         if mesh is not None and self.batch_size >= 1 and self.grad_accum >= 1:
             dp = mesh.shape["data"] * mesh.shape["fsdp"]
             if self.batch_size % (dp * self.grad_accum):
