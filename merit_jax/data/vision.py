@@ -336,6 +336,11 @@ def processor_for(cfg):
                            max_pixels=int(d.get("image_max_pixels", 0)) or None)
 
 
+def max_image_pixels_of(cfg) -> int:
+    """data.max_image_pixels (0 or unset: DEFAULT_MAX_IMAGE_PIXELS)."""
+    return int(cfg.data.get("max_image_pixels", 0) or DEFAULT_MAX_IMAGE_PIXELS)
+
+
 def row_images_for(cfg, model):
     """examples -> RowImages for a Qwen2.5-VL model (the run's processor and image size limit); None for a
     text model. What the train, extract and evaluate stages build their image inputs with."""
@@ -343,7 +348,7 @@ def row_images_for(cfg, model):
     if vl is None:
         return None
     processor = processor_for(cfg)
-    max_pixels = int(cfg.data.get("max_image_pixels", 0) or DEFAULT_MAX_IMAGE_PIXELS)
+    max_pixels = max_image_pixels_of(cfg)
     return lambda examples: RowImages(examples, processor, vl, max_pixels)
 
 
@@ -366,7 +371,7 @@ class ImageEncoding:
     def __init__(self, cfg, tokenizer):
         self.processor = processor_for(cfg)
         self.ids = vision_token_ids(tokenizer)
-        self.max_image_pixels = int(cfg.data.get("max_image_pixels", 0) or DEFAULT_MAX_IMAGE_PIXELS)
+        self.max_image_pixels = max_image_pixels_of(cfg)
 
     def __call__(self, ex: Example, where: str, max_len: int, mode: str):
         """(VLExample or None, "kept" | "truncated" | "skipped")."""
