@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from merit_jax.models.names import name_key
+
 if TYPE_CHECKING:
     import jax
 
@@ -208,7 +210,7 @@ def tensor_specs(path: PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     path = check_checkpoint(path)
     return {
         name: (tuple(int(s) for s in m.shape), np.dtype(m.dtype))
-        for name, m in sorted(_tree_metadata(path).items())
+        for name, m in sorted(_tree_metadata(path).items(), key=lambda item: name_key(item[0]))
     }
 
 

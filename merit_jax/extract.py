@@ -224,11 +224,11 @@ def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
         chunk, valid_c = xs
         losses_c, grads = _vmapped_grads(plan.graphdef, selected, rest, chunk, spmd, plan.logits_chunk)
         if plan.grad_specs is not None:
-            grads = {k: jax.lax.with_sharding_constraint(v, NamedSharding(plan.mesh, spec))
-                     for (k, v), spec in zip(grads.items(), plan.grad_specs)}
+            grads = {k: jax.lax.with_sharding_constraint(grads[k], NamedSharding(plan.mesh, spec))
+                     for k, spec in zip(plan.layout.names, plan.grad_specs)}
         # Reductions over the example axis as contractions (XLA CPU reduces a leading axis ~20x slower than
         # it runs a matrix-vector product); HIGHEST: no reduced-precision (tf32/bf16) dots on accelerators.
-        rows = {k: g.astype(jnp.float32).reshape(g.shape[0], -1) for k, g in grads.items()}
+        rows = {k: grads[k].astype(jnp.float32).reshape(grads[k].shape[0], -1) for k in plan.layout.names}
         sq_c = sum(jnp.sum(jnp.square(r), axis=1) for r in rows.values())
         norms_c = jnp.sqrt(sq_c)
         tokens_c = jnp.sum(chunk["loss_mask"].astype(jnp.float32), axis=1)

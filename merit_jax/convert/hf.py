@@ -162,7 +162,7 @@ def to_host(x) -> np.ndarray:
 
 def hf_tensors(flat: dict[str, Any], dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy array) per parameter, gathered to this host one tensor at a time."""
-    for name in sorted(flat):
+    for name in P.canonical(flat):  # layers in numeric order, so each shard holds consecutive layers
         key, transpose = hf_key(name)
         x = to_host(flat[name])
         yield key, np.ascontiguousarray((x.T if transpose else x).astype(dtype))
