@@ -8,12 +8,16 @@ the module tree (so it equals nnx's own flat order).
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
+
+_SEPARATORS = re.compile(r"[/.]")  # merit_jax names use "/", Hugging Face names "."
 
 
 def name_key(name: str) -> tuple:
-    """Sort key of a flat parameter name: "/"-separated components, digit-only ones compared as integers."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("/"))
+    """Sort key of a flat parameter name (merit_jax "a/b/0/c" or HF "a.b.0.c"): its components, digit-only
+    ones compared as integers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _SEPARATORS.split(name))
 
 
 def canonical(names: Iterable[str]) -> list[str]:
