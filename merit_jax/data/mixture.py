@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from merit_jax.data import sources as src
 from merit_jax.data.records import DataError
+from merit_jax.errors import reading
 from merit_jax.data.tokenize import ChatEncoder, Example, truncate
 from merit_jax.data.vision import ImageEncoding, is_vl_run
 
@@ -59,7 +60,9 @@ def load_tokenizer(cfg):
     """AutoTokenizer from cfg.data.tokenizer, else cfg.model.hf_path, else the synthetic mixture's."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(src.tokenizer_dir(cfg))
+    path = src.tokenizer_dir(cfg)
+    with reading(path, "tokenizer directory"):
+        return AutoTokenizer.from_pretrained(path)
 
 
 def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
