@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   e.include = (".*",)  # regexes over parameter paths
   e.exclude = ("embed_tokens", "lm_head")
   e.keep_example_sketches = True  # needed for the calibration-stability curve
+  # auto | per_example (vmap(grad)) | batched (one gradient of the weighted loss per chunk: a training step's
+  # cost and memory; same vector for per_example=mean|tokens); auto: batched when nothing per-example is kept
+  e.gradients = "auto"
   e.seed = 0  # of the sketch's hash
   e.stability_sizes = (10, 25, 50, 100, 200)  # m of the calibration-stability curve
   e.stability_draws = 20  # random m-subsets per task and m

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Iterator
 
 
@@ -55,3 +56,14 @@ def utf8_text(raw: bytes, path: str | os.PathLike) -> str:
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise InputFileError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column})") \
             from None
+
+
+def regex_errors(key: str, patterns) -> list[str]:
+    """One message per pattern of config key `key` that is not a valid regular expression."""
+    errors = []
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            errors.append(f"{key}: invalid regex {pattern!r}: {e}")
+    return errors

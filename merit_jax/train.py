@@ -160,7 +160,7 @@ class TrainSettings:
         for key in ("batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every", "loader_threads"):
             if getattr(self, key) < 1:
                 errors.append(f"train.{key}={getattr(self, key)} must be >= 1")
-        from merit_jax.config import regex_errors
+        from merit_jax.errors import regex_errors
 
         for key in ("no_decay", "freeze"):
             errors += regex_errors(f"train.{key}", getattr(self, key))
