@@ -6,8 +6,10 @@
 curvature directions), not the largest in magnitude. Algorithm (docs/SPLIT.md, "Hessian eigenpairs"):
 
 - H v = d/dε ∇L(θ + ε v): forward-over-reverse (`jax.jvp` of `jax.grad`), jitted, costs about two
-  forward+backward passes; the tangent has the parameter's dtype, the product is kept in float32 (float64
-  for float64 leaves).
+  forward+backward passes. The tangent has the parameter's dtype (`loss_fn` sees exactly the parameters
+  it was given); the vectors and products are float32 (float64 for float64 leaves). With bf16 parameters
+  each product's input is rounded to bf16, so eigenvalues are good to ~0.1 % and the residual check warns;
+  pass float32 copies of the parameters (the same point) for tighter pairs.
 - Lanczos with full reorthogonalisation: the Krylov basis V (m vectors) is a pytree whose leaves are the
   parameters' with a leading axis m, sharded like the parameters on the other axes, so every vector stays
   on its devices; inner products are tree reductions. Step j: w = H v_j, projected off the whole basis

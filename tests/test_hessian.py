@@ -143,3 +143,23 @@ def test_qwen2_loss_top_eigenvalues_match_the_dense_hessian():
     np.testing.assert_allclose(vals, lam[::-1][:3], rtol=1e-3)
     for i, v in enumerate(vecs):
         assert abs(np.asarray(ravel_pytree(jax.tree.map(np.asarray, v))[0]) @ u[:, -1 - i]) >= 0.999
+
+
+def test_bf16_parameters_give_float32_vectors_and_bf16_accurate_values(caplog):
+    """The tangent takes the parameters' dtype (bf16 rounding of each product's input), so the values are
+    good to ~0.1 %, not 1e-5; the vectors are float32, and the residual check says so in a warning."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params = {"l1/kernel": jax.random.normal(k1, (4, 16)), "l1/bias": jax.random.normal(k2, (16,)),
+              "l2/kernel": jax.random.normal(k3, (16, 1))}
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    x = jnp.linspace(-1.0, 1.0, 64).reshape(16, 4)
+
+    def loss(p):
+        h = jnp.tanh(x @ p["l1/kernel"].astype(jnp.float32) + p["l1/bias"].astype(jnp.float32))
+        return jnp.mean((h @ p["l2/kernel"].astype(jnp.float32) - 0.5) ** 2)
+
+    exact, _ = dg.hessian_top_eigs(loss, jax.tree.map(lambda a: a.astype(jnp.float32), params), 3)
+    vals, vecs = dg.hessian_top_eigs(loss, params, 3)
+    np.testing.assert_allclose(vals, exact, rtol=1e-2)
+    assert all(x.dtype == jnp.float32 for x in vecs[0].values())
+    assert "residuals" in caplog.text
