@@ -219,7 +219,7 @@ def lanczos(matvec: Callable[[PyTree, PyTree], PyTree], operand: PyTree, k: int,
         ritz, ritz_s = ritz[::-1], ritz_s[:, ::-1]
         beta = float(beta)
         scale = max(float(np.max(np.abs(ritz))), np.finfo(np.float32).tiny)
-        # H y_i − θ_i y_i = w β-scaled: the residual of Ritz pair i is β |s_{last, i}|.
+        # H y_i − θ_i y_i = β_j s_{j,i} v_{j+1}: the residual of Ritz pair i is β_j |s_{j,i}|.
         if steps >= max(k, min(m, 2 * k)) and np.all(beta * np.abs(ritz_s[-1, :k]) <= tol * scale):
             converged = True
             break
