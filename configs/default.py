@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   e.seed = 0  # of the sketch's hash
   e.stability_sizes = (10, 25, 50, 100, 200)  # m of the calibration-stability curve
   e.stability_draws = 20  # random m-subsets per task and m
+  # the curve's reference: this many training examples per task held apart from the n calibration ones (paper:
+  # 1,000; fewer where a task has fewer; 0: the mean of all n calibration examples, which reads high)
+  e.stability_reference = 1000
 
   # --- split ---------------------------------------------------------------------------------------
   c.split = s = ml_collections.ConfigDict()

@@ -457,14 +457,23 @@ def stability_curve(per_task_cosines: Mapping[str, Mapping[int, np.ndarray]],
     return curve
 
 
+def weighted_sketch_mean(result: TaskResult, per_example: str) -> np.ndarray:
+    """The task's weighted mean gradient in per-example-sketch space (the sketches are linear)."""
+    w = sk.example_weights(per_example, result.norms, result.tokens)
+    return w @ result.example_sketches.astype(np.float64) / w.sum()
+
+
 def task_stability(result: TaskResult, per_example: str, sizes: Sequence[int], draws: int,
-                   seed: int, task: str) -> dict[int, np.ndarray]:
-    """{m: cosines [draws]} for the m in `sizes` with m <= n, from the task's per-example sketches."""
+                   seed: int, task: str, reference: TaskResult | None = None) -> dict[int, np.ndarray]:
+    """{m: cosines [draws]} for the m in `sizes` with m <= n, from the task's per-example sketches, against
+    `reference` (a pass over examples disjoint from the calibration ones) or, without one, against the mean of
+    all n calibration examples."""
     if result.example_sketches is None:
         return {}
     w = sk.example_weights(per_example, result.norms, result.tokens)
+    ref = weighted_sketch_mean(reference, per_example) if reference is not None else None
     rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "little")])
-    return {int(m): sk.stability_cosines(result.example_sketches, w, int(m), draws, rng)
+    return {int(m): sk.stability_cosines(result.example_sketches, w, int(m), draws, rng, ref)
             for m in sizes if m <= result.n}
 
 
@@ -487,7 +496,8 @@ def _fingerprint(cfg, theta0: pathlib.Path, mixture_fp: str, names: Sequence[str
     stamps = sorted((p.name, p.stat().st_mtime_ns) for p in theta0.iterdir()) if theta0.is_dir() else []
     keys = dict(theta0=[str(theta0), stamps], mixture=mixture_fp, names=list(names),
                 options=_options_record(cfg),
-                stability=[list(e.get("stability_sizes", STABILITY_SIZES)), int(e.get("stability_draws", 20))])
+                stability=[list(e.get("stability_sizes", STABILITY_SIZES)), int(e.get("stability_draws", 20)),
+                           int(e.get("stability_reference", 0))])
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
@@ -545,14 +555,17 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     mixture = load_mixture(cfg, tokenizer, workdir)
     names = select_params(list(P.flatten(model)), list(e.include), list(e.exclude))
     extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=_xla_options(e))
-    images, first = _calibration_images(cfg, model, mixture)
+
     vocab = _vocab_size(model)
     task_names = list(mixture.tasks)
     n_tasks = len(task_names)
     for name in task_names:  # every input error before any compute
         check_calibration(name, mixture.tasks[name].calib, vocab)
     # every task padded to the largest task's chunk count: one compilation per sequence-length bucket
-    chunks = extractor.chunks_for(max(len(t.calib) for t in mixture.tasks.values()))
+    with_reference = options.keep_example_sketches and any(t.reference for t in mixture.tasks.values())
+    chunks = extractor.chunks_for(max(max(len(t.calib), len(t.reference) if with_reference else 0)
+                                      for t in mixture.tasks.values()))
+    images, first = _calibration_images(cfg, model, mixture, with_reference)
     log.info("extract: %d tasks, %d parameter tensors (%d coordinates), reduction=%s -> d=%d, θ⁰=%s",
              n_tasks, len(names), extractor.layout.total, options.reduction, extractor.dim, theta)
 
@@ -587,10 +600,17 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
                 stats[name] = saved["stats"]
                 cosines[name] = {int(m): np.asarray(v) for m, v in saved["stability"].items()}
             continue
-        batch = pad_batch(task.calib, seq_bucket(max(len(ex) for ex in task.calib)))
-        if images is not None:  # Qwen2.5-VL: each example with its own images
-            batch = images.add(batch, [[first[name] + i] for i in range(len(task.calib))])
-        result = extractor(batch, task=name, chunks=chunks)
+        def task_batch(examples, offset):
+            batch = pad_batch(examples, seq_bucket(max(len(ex) for ex in examples)))
+            if images is not None:  # Qwen2.5-VL: each example with its own images
+                batch = images.add(batch, [[first[name] + offset + i] for i in range(len(examples))])
+            return batch
+
+        result = extractor(task_batch(task.calib, 0), task=name, chunks=chunks)
+        reference = None
+        if with_reference and task.reference:
+            reference = extractor(task_batch(task.reference, len(task.calib)), task=f"{name} (stability reference)",
+                                  chunks=chunks)
         record = {"name": name, "n_calib": result.n, "train_tokens": int(task.train_tokens),
                   "family": task.family, "calib_tokens": int(result.tokens.sum()),
                   "loss_mean": float(result.losses.mean()),
@@ -599,7 +619,9 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
         stats[name] = {"grad_norm": None if result.norms is None else result.norms.tolist(),
                        "loss": result.losses.tolist(),
                        "tokens": result.tokens.astype(int).tolist()}
-        cosines[name] = task_stability(result, options.per_example, sizes, draws, options.seed, name)
+        record["stability_reference"] = len(task.reference) if reference is not None else 0
+        cosines[name] = {} if with_reference and reference is None else task_stability(  # no disjoint examples
+            result, options.per_example, sizes, draws, options.seed, name, reference)
         records.append(record)
         if primary:
             rows[t] = result.vector
@@ -622,7 +644,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     write_json(out / "stability.json", {
         **curve, "draws_per_task": draws, "per_example": options.per_example,
         "space": f"{options.example_reduction} d={extractor.example_dim}",
-        "reference": "weighted mean of all n calibration examples of the task (m = n gives 1 by construction)",
+        **stability_protocol(records, with_reference),
         "per_task": {k: {str(m): float(np.mean(v)) for m, v in c.items()} for k, c in cosines.items()}})
     write_json(out / "tasks.json", record)  # last: its presence marks the stage complete
     shutil.rmtree(partial, ignore_errors=True)
@@ -632,7 +654,20 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     return record
 
 
-def _calibration_images(cfg, model, mixture):
+def stability_protocol(records: Sequence[Mapping[str, Any]], disjoint: bool) -> dict[str, Any]:
+    """What the stability cosines compare against, for stability.json and the report."""
+    if disjoint:
+        sizes = [int(r["stability_reference"]) for r in records if r.get("stability_reference")]
+        return {"protocol": "disjoint", "reference": "weighted mean gradient of training examples held apart from "
+                "the calibration ones (extract.stability_reference per task, fewer where a task has fewer; tasks "
+                "with none are left out of the curve)",
+                "reference_examples": {"tasks": len(sizes), "min": min(sizes, default=0),
+                                       "max": max(sizes, default=0)}}
+    return {"protocol": "self", "reference": "weighted mean of all n calibration examples of the task (contains "
+            "the subset, so it reads high; m = n gives 1 by construction)", "reference_examples": None}
+
+
+def _calibration_images(cfg, model, mixture, with_reference: bool = False):
     """(RowImages over every task's calibration examples, {task: index of its first}) for a Qwen2.5-VL
     model, sized once for all of them (one compilation per sequence bucket); (None, {}) for text models."""
     from merit_jax.data.vision import row_images_for
@@ -643,7 +678,7 @@ def _calibration_images(cfg, model, mixture):
     examples, first = [], {}
     for name, task in mixture.tasks.items():
         first[name] = len(examples)
-        examples += task.calib
+        examples += task.calib + (task.reference if with_reference else [])
     return make(examples).fit([[i] for i in range(len(examples))]), first
 
 

@@ -228,15 +228,16 @@ def example_weights(per_example: str, norms_n: np.ndarray, tokens_n: np.ndarray)
 
 
 def stability_cosines(example_sketch_nd: np.ndarray, weights_n: np.ndarray, m: int, draws: int,
-                      rng: np.random.Generator) -> np.ndarray:
-    """Cosines [draws] between the weighted mean of m random examples (without replacement) and the
-    weighted mean of all n (both in sketch space)."""
+                      rng: np.random.Generator, reference_d: np.ndarray | None = None) -> np.ndarray:
+    """Cosines [draws] between the weighted mean of m random examples (without replacement) and a reference
+    (both in sketch space): `reference_d`, a mean over examples disjoint from these (the paper's protocol,
+    unbiased), or, when None, the weighted mean of all n, which contains the subset and so reads high."""
     e = np.asarray(example_sketch_nd, np.float64)
     w = np.asarray(weights_n, np.float64)
     n = e.shape[0]
     if not 1 <= m <= n:
         raise ValueError(f"stability: subset size m={m} outside [1, n={n}]")
-    ref = w @ e / w.sum()
+    ref = w @ e / w.sum() if reference_d is None else np.asarray(reference_d, np.float64)
     out = np.empty(draws)
     for k in range(draws):
         pick = rng.choice(n, size=m, replace=False)
