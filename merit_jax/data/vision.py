@@ -313,7 +313,7 @@ class RowImages:
 
         from merit_jax.models.inputs import layout_keys
         from merit_jax.models.mrope import mrope_positions
-        from merit_jax.models.vision_layout import stacked_layouts
+        from merit_jax.models.vision_layout import next_pow2, stacked_layouts
 
         if self.sizes is None:
             raise RuntimeError("RowImages.fit(rows) first: it fixes the array sizes of the run")
@@ -333,6 +333,8 @@ class RowImages:
                 raise ImageError(f"{[self.examples[i].where for i in r]}: the row holds {int(tokens[j].sum())} image "
                                  f"tokens, its images {grids[j].tolist()} need {want}")
         every = np.concatenate(grids)
+        # zero grid rows (they own no token) up to a power of two: the eager host ops compile per image count
+        every = np.pad(every, ((0, next_pow2(len(every)) - len(every)), (0, 0))) if len(every) else every
         with jax.default_device(jax.devices("cpu")[0]):  # host-side data work: never on the accelerator
             positions, _ = mrope_positions(batch["input_ids"], every if len(every) else None,
                                            image_token_id=self.vl.image_token_id,
