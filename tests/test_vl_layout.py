@@ -15,6 +15,7 @@ from PIL import Image
 import merit_jax
 from merit_jax.data import vision as V
 from merit_jax.data.packing import TokenTable
+from merit_jax.data.records import Record
 from merit_jax.data.sources import Source, iter_records
 from merit_jax.data.tokenize import ChatEncoder
 from merit_jax.models.qwen2_5_vl import VisionConfig, VLConfig, tiny_vl_hf_config
@@ -94,7 +95,7 @@ def release(tmp_path_factory):
     processor = _processor(16)
     examples = V.encode_vl_records(records, ChatEncoder(tokenizer), processor, image_token_id=ids[V.IMAGE_TOKEN])
     hf = tiny_vl_hf_config(len(tokenizer), ids)
-    return dict(examples=examples, processor=processor, vl=VLConfig.from_hf(hf), root=root)
+    return dict(examples=examples, processor=processor, vl=VLConfig.from_hf(hf))
 
 
 def test_row_images_never_fail_on_padding_rows_or_rows_that_were_not_fitted(release, caplog):
@@ -116,12 +117,10 @@ def test_row_images_never_fail_on_padding_rows_or_rows_that_were_not_fitted(rele
 
 
 def test_an_image_smart_resize_refuses_names_the_record(release, tmp_path):
-    Image.new("RGB", (1000, 4), (9, 9, 9)).save(tmp_path / "strip.jpg")
     from transformers import AutoTokenizer
 
+    Image.new("RGB", (1000, 4), (9, 9, 9)).save(tmp_path / "strip.jpg")  # aspect ratio 250 > 200
     tokenizer = AutoTokenizer.from_pretrained(str(V.VL_TOKENIZER_DIR))
-    from merit_jax.data.records import Record
-
     record = Record("strip", [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "x"}],
                     str(tmp_path / "strip.jpg"), "ann.json [record 7]")
     with pytest.raises(V.ImageError, match=r"ann.json \[record 7\]: image .*strip.jpg \(1000x4\) cannot be resized"):
