@@ -104,6 +104,7 @@ class Evaluator:
         self.pad_id = tokenizer.pad_token_id or 0
         self._batches = {key: self._make_batches(items) for key, items in
                          (("heldout", self.heldout), ("train", self.train_sample))}
+        self._gen_images = self._fit_generation_images()
 
         @jax.jit
         def row_losses(state, batch):
@@ -131,6 +132,21 @@ class Evaluator:
             return {k: jnp.asarray(v) for k, v in out.items()}
 
         return (batch, range(0, n + pad, self.batch)), n
+
+    def _fit_generation_images(self):
+        """Qwen2.5-VL: (RowImages for the processor, LayoutSizes, images per batch) fitted on every generation
+        batch of the held-out set (their images in one flat list each), so that generate_vl compiles once for
+        all of them; None for a text model or images-free held-out set."""
+        if self.make_images is None:
+            return None
+        from merit_jax.models.vision_layout import layout_sizes
+
+        images = self.make_images([ex for _, ex in self.heldout])
+        batches = [images.grids(range(i, min(i + self.batch, len(self.heldout))))
+                   for i in range(0, len(self.heldout), self.batch)]
+        if not any(len(g) for g in batches):
+            return None
+        return images, layout_sizes(batches, self.template.vl_config.vision), max(len(g) for g in batches)
 
     def state_of(self, flat: dict) -> nnx.State:
         P.unflatten_into(self.template, flat)
@@ -178,12 +194,18 @@ class Evaluator:
             return generate(self.template, ids, mask, **kw)
         from merit_jax.data.vision import load_pixels
         from merit_jax.models.qwen2_5_vl import generate_vl
+        from merit_jax.models.vision_layout import vision_layout
 
-        images = self.make_images(examples)
+        if self._gen_images is None:
+            return generate_vl(self.template, ids, mask, **kw)
+        images, sizes, n_images = self._gen_images
         pixel_values, grid = load_pixels(examples, images.processor, images.max_image_pixels)
         if not len(grid):
             return generate_vl(self.template, ids, mask, **kw)
-        return generate_vl(self.template, ids, mask, pixel_values, grid, bucket=True, **kw)
+        # one layout size and image count for every batch (fitted on all of them): one compilation
+        layout = vision_layout(grid, self.template.vl_config.vision, sizes=sizes)
+        grid = np.pad(grid, ((0, n_images - len(grid)), (0, 0)))  # zero rows own no tokens
+        return generate_vl(self.template, ids, mask, pixel_values, grid, vision_layout=layout, **kw)
 
     def evaluate(self, flat: dict) -> dict:
         loss, acc = self.task_losses(flat), self.accuracy(flat)

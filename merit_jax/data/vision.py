@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -157,12 +158,19 @@ class VLExample(Example):
         return [self.image] if self.image else []
 
 
+def _grid_of(processor, path, where: str, max_image_pixels: int) -> tuple[int, int, int]:
+    h, w = image_size(path, where, max_image_pixels)
+    try:
+        return image_grid(processor, h, w)
+    except ValueError as e:  # smart_resize refuses aspect ratios over 200 (a 1-pixel strip, say)
+        raise ImageError(f"{where}: image {path} ({w}x{h}) cannot be resized for the model: {e}") from None
+
+
 def to_vl_example(example: Example, where: str, processor, *, image_token_id: int,
                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> VLExample:
     """Reads the image's header (size, validity), computes its grid and expands its tokens."""
     images = [example.image] if example.image else []
-    grids = np.array([image_grid(processor, *image_size(p, where, max_image_pixels)) for p in images],
-                     np.int32).reshape(-1, 3)
+    grids = np.array([_grid_of(processor, p, where, max_image_pixels) for p in images], np.int32).reshape(-1, 3)
     ids, mask = expand_image_tokens(example.input_ids, example.loss_mask, grids, image_token_id,
                                     processor.merge_size, where)
     slots = np.flatnonzero(example.input_ids == image_token_id)
@@ -248,6 +256,11 @@ class RowImages:
 
         images = RowImages(examples, processor, vl_config).fit(rows)
         batch = images.add(TokenTable(examples).rows(some_rows, seq_len), some_rows)
+
+    The sizes cover the fitted rows and padding rows (`layout_sizes`). A batch with a row that was not fitted
+    and does not fit grows them (`grown_sizes`: a new shape, so one more compilation, logged) in a single
+    process; with several processes that is an error, since every process must agree on the shapes: there,
+    fit every row first (the stages do).
     """
 
     def __init__(self, examples: Sequence[Example], processor, vl_config,
@@ -255,16 +268,44 @@ class RowImages:
         self.examples, self.processor, self.vl = examples, processor, vl_config
         self.max_image_pixels = max_image_pixels
         self.sizes = None
+        self._lock = threading.Lock()  # batches are built by several loader threads
 
     def grids(self, row: Sequence[int]) -> np.ndarray:
         got = [getattr(self.examples[i], "image_grid_thw", None) for i in row]
         return np.concatenate([g for g in got if g is not None] + [np.zeros((0, 3), np.int32)]).astype(np.int32)
 
     def fit(self, rows: Sequence[Sequence[int]]) -> "RowImages":
+        """Fixes the array sizes to cover `rows` (and padding rows); returns self."""
         from merit_jax.models.vision_layout import layout_sizes
 
-        self.sizes = layout_sizes([self.grids(r) for r in rows] or [[]], self.vl.vision)
+        self.sizes = layout_sizes([self.grids(r) for r in rows], self.vl.vision)
         return self
+
+    def _cover(self, rows: list[list[int]]):
+        """The sizes to build these rows with: the fitted ones, grown when a row does not fit them (see the
+        class docstring)."""
+        import jax
+
+        from merit_jax.models.vision_layout import fits, grown_sizes
+
+        sizes = self.sizes
+        misfits = [r for r in rows if not fits(self.grids(r), sizes, self.vl.vision)]
+        if not misfits:
+            return sizes
+        where = [self.examples[i].where for i in misfits[0]]
+        if jax.process_count() > 1:
+            raise ValueError(f"row of {where}: its images {self.grids(misfits[0]).tolist()} do not fit the vision "
+                             f"layout sizes {self.sizes} fitted for this run; with several processes every row "
+                             "must be fitted up front (RowImages.fit) so that all processes agree on the shapes")
+        with self._lock:  # another thread may have grown them meanwhile
+            old = self.sizes
+            misfits = [r for r in misfits if not fits(self.grids(r), old, self.vl.vision)]
+            if not misfits:
+                return old
+            self.sizes = sizes = grown_sizes(old, [self.grids(r) for r in misfits], self.vl.vision)
+        log.warning("vision layout sizes grown from %s to %s for the row of %s (not fitted up front): one more "
+                    "compilation", tuple(old), tuple(sizes), where)
+        return sizes
 
     def add(self, batch: dict, rows: Sequence[Sequence[int]]) -> dict:
         """`batch` (the text keys of these rows; more rows than `rows` are padding rows) plus the vision keys."""
@@ -272,20 +313,18 @@ class RowImages:
 
         from merit_jax.models.inputs import layout_keys
         from merit_jax.models.mrope import mrope_positions
-        from merit_jax.models.vision_layout import stacked_layouts
+        from merit_jax.models.vision_layout import next_pow2, stacked_layouts
 
         if self.sizes is None:
             raise RuntimeError("RowImages.fit(rows) first: it fixes the array sizes of the run")
         n_rows = len(batch["input_ids"])
         rows = [list(r) for r in rows] + [[]] * (n_rows - len(rows))
+        sizes = self._cover(rows)
         grids = [self.grids(r) for r in rows]
-        pixels = np.zeros((n_rows, self.sizes.num_patches, self.vl.vision.patch_dim), np.float32)
+        pixels = np.zeros((n_rows, sizes.num_patches, self.vl.vision.patch_dim), np.float32)
         for j, r in enumerate(rows):
             if len(grids[j]):
                 pv, _ = load_pixels([self.examples[i] for i in r], self.processor, self.max_image_pixels)
-                if len(pv) > self.sizes.num_patches:
-                    raise ValueError(f"row of {[self.examples[i].where for i in r]}: {len(pv)} patches exceed the "
-                                     f"{self.sizes.num_patches} fitted (fit every row the run will see)")
                 pixels[j, :len(pv)] = pv
         tokens = ((np.asarray(batch["input_ids"]) == self.vl.image_token_id) & (np.asarray(batch["segment_ids"]) > 0))
         for j, r in enumerate(rows):  # each image token must pick a feature of its own row
@@ -294,12 +333,14 @@ class RowImages:
                 raise ImageError(f"{[self.examples[i].where for i in r]}: the row holds {int(tokens[j].sum())} image "
                                  f"tokens, its images {grids[j].tolist()} need {want}")
         every = np.concatenate(grids)
+        # zero grid rows (they own no token) up to a power of two: the eager host ops compile per image count
+        every = np.pad(every, ((0, next_pow2(len(every)) - len(every)), (0, 0))) if len(every) else every
         with jax.default_device(jax.devices("cpu")[0]):  # host-side data work: never on the accelerator
             positions, _ = mrope_positions(batch["input_ids"], every if len(every) else None,
                                            image_token_id=self.vl.image_token_id,
                                            spatial_merge_size=self.vl.vision.spatial_merge_size,
                                            segment_ids_bt=batch["segment_ids"])
-        layout = stacked_layouts(grids, self.vl.vision, self.sizes)
+        layout = stacked_layouts(grids, self.vl.vision, sizes)
         return {**batch, "pixel_values": pixels, "mrope_positions": np.asarray(positions).transpose(1, 0, 2),
                 **layout_keys(layout)}
 
