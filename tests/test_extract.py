@@ -430,10 +430,13 @@ def test_interrupted_stage_resumes_with_identical_outputs(synthetic, monkeypatch
     out = workdir / "extract"
     full = np.load(out / "task_grads.npy")
     real_call, calls = X.TaskExtractor.__call__, []
+    reference = " (stability reference)"  # each task's second call: its disjoint stability reference
 
     def interrupted(self, batch, task="?", **kw):
-        if len(calls) == 5:
+        if len(calls) == 5 and not task.endswith(reference):
             raise KeyboardInterrupt
+        if task.endswith(reference):
+            return real_call(self, batch, task, **kw)
         calls.append(task)
         return real_call(self, batch, task, **kw)
 
@@ -443,7 +446,7 @@ def test_interrupted_stage_resumes_with_identical_outputs(synthetic, monkeypatch
     assert len(list((out / ".partial").glob("task*.json"))) == 5
     assert not (out / "tasks.json").exists()  # an interrupted run never looks complete
     monkeypatch.setattr(X.TaskExtractor, "__call__", lambda self, batch, task="?", **kw: (
-        calls.append(task), real_call(self, batch, task, **kw))[1])
+        task.endswith(reference) or calls.append(task), real_call(self, batch, task, **kw))[1])
     resumed = X.run(cfg, workdir)
     assert calls[5:] == [t["name"] for t in record["tasks"][5:]]  # the first five were not recomputed
     assert resumed == record
@@ -504,3 +507,25 @@ def test_batched_gradients_hold_no_per_example_gradient_in_memory(small_model):
     per_example, batched = temp_bytes(16, "per_example"), temp_bytes(16, "batched")
     # 16 per-example gradients of P floats each (less what XLA overlaps) against one chunk gradient
     assert per_example >= batched + 6 * p_bytes, (per_example, batched, p_bytes)
+
+
+def test_stability_against_a_disjoint_reference_is_unbiased():
+    """Examples g_i = μ + σ ε_i: the cosine between an m-example mean and a disjoint R-example reference
+    matches its value over fresh independent draws (unbiased), where the mean of all n (which contains the
+    subset) reads higher."""
+    rng = np.random.default_rng(0)
+    d, n, r, m, sigma = 256, 200, 400, 25, 4.0
+    mu = rng.normal(size=d)
+    calib = mu + sigma * rng.normal(size=(n, d))
+    reference = (mu + sigma * rng.normal(size=(r, d))).mean(0)
+    disjoint = sk.stability_cosines(calib, np.ones(n), m, 400, np.random.default_rng(1), reference)
+    self_ref = sk.stability_cosines(calib, np.ones(n), m, 400, np.random.default_rng(1))
+
+    def fresh():  # the quantity the protocol estimates: independent m- and R-example means
+        a = (mu + sigma * rng.normal(size=(m, d))).mean(0)
+        b = (mu + sigma * rng.normal(size=(r, d))).mean(0)
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    truth = np.mean([fresh() for _ in range(400)])
+    assert abs(disjoint.mean() - truth) < 0.02, (disjoint.mean(), truth)
+    assert self_ref.mean() > truth + 0.03, (self_ref.mean(), truth)
