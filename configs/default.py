@@ -130,4 +130,10 @@ def get_config() -> ml_collections.ConfigDict:
   v.noise_sigmas = (0.01, 0.05, 0.1)
   v.noise_draws = 2
   v.lmc_points = 5
+  # Hessian–PCA alignment at θ⁰ (docs/SPLIT.md): |cos| of each split axis's parameter-space direction with the
+  # span of the top-k Hessian eigenvectors of the training loss, against random directions. ~10 s here; at
+  # 3B it costs ~k+40 Hessian-vector products and a Lanczos basis of 40 x the selected parameters.
+  v.hessian_alignment = True
+  v.hessian_k = 10  # the paper: top-10
+  v.hessian_examples = 64  # training examples (spread over the tasks) in the loss whose Hessian is taken
   return c

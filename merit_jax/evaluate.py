@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -266,8 +267,41 @@ def run(cfg, workdir: pathlib.Path) -> dict:
             model_diagnostics(cfg, ev, name, flat, theta0, result["mean_loss"], own)
         del flat
     results["diagnostics"] = {**branch_diagnostics(cfg, workdir, ev, models, theta0, results["models"]), **own}
+    if cfg.evaluate.get("hessian_alignment", False):
+        results["diagnostics"]["hessian_alignment"] = alignment_diagnostic(cfg, workdir, mixture, template)
     wd.write_json(out_file, results)
     return results
+
+
+def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture, template) -> dict:
+    """Hessian–PCA alignment at θ⁰ (merit_jax.alignment), or {"skipped": why} where it does not apply."""
+    from merit_jax import alignment
+    from merit_jax import split
+
+    partition = wd.read_partition(workdir)
+    record = wd.read_json(wd.extract_dir(workdir) / "tasks.json")
+    why = ("the split has no principal axis (split.method=none)" if not partition.get("depth") else
+           "Qwen2.5-VL calibration batches carry images; text models only for now" if row_images_for(cfg, template)
+           else "extract.per_example=unit weighs examples by gradient norms" if record["per_example"] == "unit"
+           else None)
+    if why:
+        log.warning("evaluate: Hessian–PCA alignment skipped: %s", why)
+        return {"skipped": why}
+    start = time.time()
+    names = record["params"]["names"]
+    tasks = [mixture.tasks[t["name"]].calib for t in record["tasks"]]
+    cos = np.load(wd.split_dir(workdir) / "cosine.npy")
+    pca = split.pca_scores(cos, int(partition["depth"]), center=bool(partition.get("center", True)))
+    row_norms = np.sqrt(np.diag(np.load(wd.extract_dir(workdir) / "gram.npy")))
+    e = cfg.evaluate
+    model = load_model(wd.theta0(cfg, workdir), compute_dtype=cfg.model.compute_dtype)
+    out = alignment.hessian_alignment(model, names, tasks, record["per_example"], pca.axes_tr, row_norms,
+                                      k=int(e.get("hessian_k", 10)), hessian_examples=int(e.get("hessian_examples", 64)),
+                                      seed=int(cfg.get("seed", 0)), logits_chunk=int(cfg.model.get("logits_chunk", 0)))
+    out["seconds"] = round(time.time() - start, 1)
+    log.info("evaluate: Hessian–PCA alignment %s (random %.2e) in %.1fs", ", ".join(f"{a:.3f}" for a in out["axes"]),
+             out["random_mean"], out["seconds"])
+    return out
 
 
 def model_diagnostics(cfg, ev: Evaluator, name: str, flat: dict, theta0: dict, heldout_loss: float,
