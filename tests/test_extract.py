@@ -529,3 +529,14 @@ def test_stability_against_a_disjoint_reference_is_unbiased():
     truth = np.mean([fresh() for _ in range(400)])
     assert abs(disjoint.mean() - truth) < 0.02, (disjoint.mean(), truth)
     assert self_ref.mean() > truth + 0.03, (self_ref.mean(), truth)
+
+
+def test_bf16_master_weights_extract_the_float32_direction(hf_dir, names, batch, extractor):
+    """bf16 parameters and compute at 12 layers: the task gradient points where the float32 one does."""
+    bf16 = load_model(hf_dir, dtype="bfloat16", compute_dtype="bfloat16")
+    assert P.flatten(bf16)["model/layers/11/mlp/up_proj/kernel"].dtype == jnp.bfloat16
+    got = X.TaskExtractor(bf16, names, OPTIONS, compiler_options=FAST)(batch, task="t", chunks=3)
+    want = extractor(batch, task="t", chunks=3)
+    cos = got.vector @ want.vector / np.linalg.norm(got.vector) / np.linalg.norm(want.vector)
+    assert got.vector.dtype == np.float32 and cos > 0.99, cos
+    np.testing.assert_allclose(got.losses, want.losses, rtol=0.05)

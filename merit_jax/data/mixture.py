@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from merit_jax.data import sources as src
+import merit_jax.data.sources as src
 from merit_jax.data.records import DataError
 from merit_jax.errors import reading
 from merit_jax.data.tokenize import ChatEncoder, Example, truncate
