@@ -216,3 +216,25 @@ def test_the_pipeline_names_a_truncated_model_and_a_non_utf8_task_file(hf_dir, b
     assert tasks.returncode == 2, tasks.stderr[-2000:]
     assert f"error: {data / 'b.jsonl'}:4: not UTF-8 text (byte 0xe9 at column 16)" in tasks.stderr, tasks.stderr[-2000:]
     assert not (tmp_path / "w2" / "extract" / "tasks.json").exists()
+
+
+# ------------------------------------------------------------------------------ images and the processor
+
+
+def test_truncated_or_garbled_images_and_a_damaged_processor_config_are_named(tmp_path):
+    from PIL import Image
+
+    from merit_jax.data import vision
+
+    image = tmp_path / "cat.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)).save(image, quality=95)
+    truncate(image, 0.5)
+    with pytest.raises(vision.ImageError, match=rf"annotation.json \[record 3\]: unreadable image {image}"):
+        vision.load_image(image, "annotation.json [record 3]")
+    garbled = tmp_path / "dog.png"
+    garbled.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    with pytest.raises(vision.ImageError, match=rf"unreadable image {garbled}"):
+        vision.load_image(garbled, "annotation.json [record 4]")
+    (tmp_path / "preprocessor_config.json").write_text('{"min_pixels": 3136, "max_pix')
+    with pytest.raises(InputFileError, match=rf"{tmp_path / 'preprocessor_config.json'}"):
+        vision.image_processor(tmp_path)

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from merit_jax.data.records import DataError, Record
+from merit_jax.errors import reading
 from merit_jax.data.synthetic_vl import (SYNTHETIC_VL_TASKS, SYNTHETIC_VL_VERSION, VL_TOKENIZER_DIR,  # noqa: F401
                                         write_synthetic_vl_mixture)
 from merit_jax.data.tokenize import Example, truncate
@@ -97,7 +98,8 @@ def image_processor(model_dir=None, *, min_pixels: int | None = None, max_pixels
 
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
     if model_dir and (pathlib.Path(model_dir) / "preprocessor_config.json").is_file():
-        return Qwen2VLImageProcessorPil.from_pretrained(str(model_dir), **overrides)
+        with reading(pathlib.Path(model_dir) / "preprocessor_config.json", "image processor config"):
+            return Qwen2VLImageProcessorPil.from_pretrained(str(model_dir), **overrides)
     return Qwen2VLImageProcessorPil(**overrides)
 
 
