@@ -26,7 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # master weights
   m.compute_dtype = "float32"  # "bfloat16" on accelerators
   m.remat = "none"  # none | full | dots (jax.checkpoint policy inside each decoder block)
-  m.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+  # xla | cudnn (jax.nn.dot_product_attention) | splash (Pallas TPU kernel over packed rows: no T x S scores;
+  # needs seq lengths that are multiples of 128, else falls back to xla; interpreted, slowly, off TPU)
+  m.attention = "xla"
   m.logits_chunk = 512  # positions whose logits exist at once in a loss (0: all): [B, 512, V] fp32, not [B, S, V]
 
   # --- mesh --------------------------------------------------------------------------------------

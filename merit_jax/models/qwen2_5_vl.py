@@ -238,7 +238,7 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(d, 3 * d, ("embed", "heads"), bias=True, policy=policy, rngs=rngs)
         self.proj = Linear(d, d, ("heads", "embed"), bias=True, policy=policy, rngs=rngs)
         self.n, self.h = cfg.num_heads, cfg.head_dim
-        self.implementation = None if policy.attention == "xla" else policy.attention
+        self.implementation = policy.attention if policy.attention == "cudnn" else None  # splash: text only
 
     def __call__(self, x_pd: Array, cos_ph: Array, sin_ph: Array, seg: SegmentGather) -> Array:
         p = x_pd.shape[0]
