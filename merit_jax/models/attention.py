@@ -46,7 +46,6 @@ def _block(t: int) -> int:
     return max(b for b in range(BLOCK, min(t, MAX_BLOCK) + 1, BLOCK) if t % b == 0)
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(t: int, heads: int, interpret: bool, causal: bool = True):
     """MQA kernel over `heads` query heads sharing one KV head (causal), or MHA (bidirectional)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -57,8 +56,9 @@ def _kernel(t: int, heads: int, interpret: bool, causal: bool = True):
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) if causal else sm.FullMask((t, t)) for _ in range(heads)])
     make = sk.make_splash_mqa_single_device if causal else sk.make_splash_mha_single_device
-    with jax.ensure_compile_time_eval():  # the kernel's mask tables are constants, cached across traces
-        return make(mask, block_sizes=sizes, interpret=interpret)
+    # Built per trace (its mask tables become constants of the program being traced; a kernel kept across
+    # traces would leak them). The mask processing itself is cached inside jax's splash module.
+    return make(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _interpret() -> bool:
