@@ -5,7 +5,8 @@
 #   launch/tpu_vm.sh TPU_NAME ZONE CONFIG WORKDIR BRANCH [BRANCH ...] [-- --config.KEY=VALUE ...]
 #
 #   REPO_DIR   where the repository lives on the workers (default: ~/merit_jax); SYNC=1 copies this checkout
-#              there first (gcloud ... scp --worker=all), SETUP=1 also pip-installs requirements.txt
+#              there first (gcloud ... scp --worker=all), SETUP=1 also pip-installs requirements.txt with
+#              jax[tpu] at requirements.txt's jax version (read from this checkout's file)
 #   PROJECT    gcloud project (default: gcloud's)
 # The listed branches run one after another on the whole slice; for K branches in parallel, create K slices
 # and call this once per slice. WORKDIR must be a path every worker shares (an NFS / Filestore or gcsfuse
@@ -31,8 +32,12 @@ if [[ "${SYNC:-0}" == 1 ]]; then
     "$(cd "$(dirname "$0")/.." && pwd)"/{merit_jax,configs,launch,requirements.txt} "$TPU:$REPO_DIR/"
 fi
 if [[ "${SETUP:-0}" == 1 ]]; then
+  REQUIREMENTS="$(cd "$(dirname "$0")/.." && pwd)/requirements.txt"
+  # an unpinned jax[tpu] would pull the newest jax, not the one requirements.txt pins
+  JAX_VERSION=$(sed -nE 's/^jax(\[[^]]*\])?==([^ ;#]+).*/\2/p' "$REQUIREMENTS" | head -n 1)
+  [[ -n "$JAX_VERSION" ]] || { echo "no 'jax==VERSION' line in $REQUIREMENTS" >&2; exit 2; }
   "${GCLOUD[@]}" ssh "$TPU" --zone="$ZONE" $PROJECT_FLAG --worker=all \
-    --command="cd $REPO_DIR && python3 -m pip install -q -r requirements.txt 'jax[tpu]'"
+    --command="cd $REPO_DIR && python3 -m pip install -q -r requirements.txt 'jax[tpu]==$JAX_VERSION'"
 fi
 for k in "${BRANCHES[@]}"; do
   echo "branch $k on $TPU"

@@ -29,6 +29,7 @@ from merit_jax import workdir as wd
 from merit_jax.data import packing
 from merit_jax.data.mixture import load_mixture, load_tokenizer
 from merit_jax.data.vision import is_vl_run, row_images_for
+from merit_jax.lmms_eval_functions import exact_match
 from merit_jax.models import params as P
 from merit_jax.models.generate import generate, left_pad
 from merit_jax.models.inputs import batch_token_ce
@@ -169,11 +170,13 @@ class Evaluator:
     def mean_loss(self, flat: dict, which: str = "heldout") -> float:
         return float(np.mean(list(self.task_losses(flat, which).values())))
 
-    def accuracy(self, flat: dict) -> dict[str, float]:
+    def answers(self, flat: dict) -> list[str]:
+        """The greedy answer to every held-out example (in `self.heldout` order): generated up to the end of
+        turn or max_new_tokens, decoded without special tokens (what lmms-eval's Qwen2.5-VL model returns)."""
         self.state_of(flat)
-        correct = {name: [] for name in self.tasks}
         prompts = [ex.input_ids[:ex.prompt_len].tolist() for _, ex in self.heldout]
         width = max(len(p) for p in prompts)
+        texts = []
         for i in range(0, len(prompts), self.batch):
             chunk = prompts[i:i + self.batch]
             chunk += [[self.pad_id]] * (self.batch - len(chunk))
@@ -181,11 +184,18 @@ class Evaluator:
             ids = np.pad(ids, ((0, 0), (width - ids.shape[1], 0)), constant_values=self.pad_id)
             mask = np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
             out = self._generate(ids, mask, [ex for _, ex in self.heldout[i:i + self.batch]])
-            for row, (name, ex) in zip(out, self.heldout[i:i + self.batch]):
+            for row in out[:len(self.heldout) - i]:
                 toks = row.tolist()
                 toks = toks[:toks.index(self.eos_id)] if self.eos_id in toks else toks
-                text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-                correct[name].append(text == ex.answer.strip())
+                texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+        return texts
+
+    def accuracy(self, flat: dict) -> dict[str, float]:
+        """Per-task exact match of the answers (exact_match: both stripped, one definition with the lmms-eval
+        task's)."""
+        correct = {name: [] for name in self.tasks}
+        for text, (name, ex) in zip(self.answers(flat), self.heldout):
+            correct[name].append(exact_match(text, ex.answer))
         return {name: float(np.mean(v)) for name, v in correct.items() if v}
 
     def _generate(self, ids, mask, examples):

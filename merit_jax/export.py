@@ -1,5 +1,5 @@
 """The `export` stage: θ̄ (WORKDIR/merged, a merit_jax checkpoint) -> WORKDIR/hf, a Hugging Face checkpoint
-that transformers, lm-evaluation-harness and VLMEvalKit load."""
+that transformers, lm-evaluation-harness and lmms-eval load."""
 
 from __future__ import annotations
 

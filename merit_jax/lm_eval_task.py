@@ -6,6 +6,8 @@ by the same tool as the paper's benchmarks:
 
 Each document is an already chat-templated prompt (decoded from our own prompt tokens) and its reference
 answer; the metric is exact match of the generation up to `<|im_end|>`, the same as the `evaluate` stage.
+The helpers below (held-out order, the answer's stop token, the JSONL and the command line) are shared with
+the Qwen2.5-VL task of merit_jax.lmms_eval_task.
 """
 
 from __future__ import annotations
@@ -40,23 +42,46 @@ metadata:
 """
 
 
+def heldout(mixture) -> list:
+    """[(task name, Example)] in the evaluate stage's order: tasks by name, each task's held-out examples."""
+    held = [(name, ex) for name, t in mixture.tasks.items() for ex in t.heldout]
+    if not held:
+        raise ValueError("no held-out examples (data.heldout_fraction is 0, or too small for the tasks' sizes?)")
+    return held
+
+
+def stop_token(tokenizer) -> str:
+    """The token that ends an answer: `<|im_end|>` (Qwen chat templates), else the tokenizer's eos."""
+    return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
+
+
+def prompt_text(tokenizer, ex) -> str:
+    """The example's prompt as text, special tokens kept (decoded from our own prompt tokens)."""
+    return tokenizer.decode(ex.input_ids[:ex.prompt_len].tolist(), skip_special_tokens=False)
+
+
+def write_docs(path: pathlib.Path, docs) -> pathlib.Path:
+    """One JSON document a line."""
+    with path.open("w") as f:
+        for doc in docs:
+            f.write(json.dumps(doc) + "\n")
+    return path
+
+
 def write_task(mixture, tokenizer, out_dir, *, max_new_tokens: int = 16, task: str = TASK_NAME) -> pathlib.Path:
     """Writes OUT/TASK.jsonl (one document per held-out example) and OUT/TASK.yaml; returns the yaml path."""
     out = pathlib.Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    data = out / f"{task}.jsonl"
-    with data.open("w") as f:
-        for name, t in mixture.tasks.items():
-            for ex in t.heldout:
-                prompt = tokenizer.decode(ex.input_ids[:ex.prompt_len].tolist(), skip_special_tokens=False)
-                f.write(json.dumps({"task": name, "prompt": prompt, "answer": ex.answer.strip()}) + "\n")
-    stop = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    data = write_docs(out / f"{task}.jsonl", ({"task": name, "prompt": prompt_text(tokenizer, ex),
+                                               "answer": ex.answer.strip()} for name, ex in heldout(mixture)))
     yaml = out / f"{task}.yaml"
-    yaml.write_text(_YAML.format(task=task, data=data, stop=stop, max_new_tokens=max_new_tokens))
+    yaml.write_text(_YAML.format(task=task, data=data, stop=stop_token(tokenizer), max_new_tokens=max_new_tokens))
     return yaml
 
 
-def main(argv=None) -> int:
+def run_cli(argv, write) -> None:
+    """`python -m MODULE --config CONFIG --workdir W`: write(cfg, workdir, tokenizer, mixture) writes the task
+    and returns the command that scores the export with it, which is printed. Bad input: `error: ...`, exit 2."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -67,14 +92,26 @@ def main(argv=None) -> int:
         from merit_jax.data.mixture import load_mixture, load_tokenizer
 
         cfg = config.value
-        wdir = pathlib.Path(workdir.value or cfg.workdir)
-        tokenizer = load_tokenizer(cfg)
-        yaml = write_task(load_mixture(cfg, tokenizer, wdir), tokenizer, wdir / "lm_eval",
-                          max_new_tokens=cfg.evaluate.max_new_tokens)
-        print(f"wrote {yaml}\nlm_eval --model hf --model_args pretrained={wdir / 'hf'} "
-              f"--include_path {yaml.parent} --tasks {TASK_NAME}")
+        wdir = pathlib.Path(workdir.value or cfg.workdir).absolute()
+        try:
+            tokenizer = load_tokenizer(cfg)
+            print(write(cfg, wdir, tokenizer, load_mixture(cfg, tokenizer, wdir)))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     app.run(run, argv=argv or sys.argv)
+
+
+def _write(cfg, wdir, tokenizer, mixture) -> str:
+    yaml = write_task(mixture, tokenizer, wdir / "lm_eval", max_new_tokens=cfg.evaluate.max_new_tokens)
+    return (f"wrote {yaml}\nlm_eval --model hf --model_args pretrained={wdir / 'hf'} "
+            f"--include_path {yaml.parent} --tasks {TASK_NAME}")
+
+
+def main(argv=None) -> int:
+    run_cli(argv, _write)
     return 0
 
 

@@ -99,10 +99,11 @@ RELEASE_TASKS = {  # task -> (question, sizes of its images, cycled)
 }
 
 
-def write_vision_flan_release(out, per_task: int = 10, seed: int = 0):
+def write_vision_flan_release(out, per_task: int = 10, seed: int = 0, tasks=RELEASE_TASKS):
     """A small Vision-FLAN-format release in OUT: `annotation_191-task_1k.json` (the public schema: id,
     task_name, image relative to the image folder, conversations; ids repeat across tasks, as in the
-    release) and `images_191task_1k/<task>/` with JPEGs of RELEASE_SIZES. Returns (annotation, image root)."""
+    release) and `images_191task_1k/<task>/` with JPEGs of RELEASE_SIZES (`tasks`: RELEASE_TASKS' form).
+    Returns (annotation, image root)."""
     import json
     import pathlib
 
@@ -113,7 +114,7 @@ def write_vision_flan_release(out, per_task: int = 10, seed: int = 0):
     rng = np.random.default_rng(seed)
     colors = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
     records = []
-    for task, (question, sizes) in RELEASE_TASKS.items():
+    for task, (question, sizes) in tasks.items():
         (root / task).mkdir(parents=True, exist_ok=True)
         for i in range(per_task):
             h, w = sizes[i % len(sizes)]
@@ -128,3 +129,28 @@ def write_vision_flan_release(out, per_task: int = 10, seed: int = 0):
     annotation = out / "annotation_191-task_1k.json"
     annotation.write_text(json.dumps(records))
     return annotation, root
+
+
+# The shipped synthetic VL tokenizer's chat template (merit_jax/data/assets/synthetic_vl_tokenizer), which also
+# renders a message whose content is a list of image and text parts, as released Qwen2.5-VL templates do and
+# as lmms-eval's Qwen2.5-VL model sends them; string contents render exactly as before.
+MULTIMODAL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def multimodal_vl_tokenizer(out):
+    """A copy of the synthetic VL tokenizer in OUT whose chat template also renders content lists."""
+    import pathlib
+    import shutil
+
+    from merit_jax.data.synthetic_vl import VL_TOKENIZER_DIR
+
+    shutil.copytree(VL_TOKENIZER_DIR, out, dirs_exist_ok=True)
+    (pathlib.Path(out) / "chat_template.jinja").write_text(MULTIMODAL_CHAT_TEMPLATE)
+    return out
