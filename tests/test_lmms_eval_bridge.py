@@ -59,8 +59,7 @@ def bridged(tmp_path_factory):
     python = _eval_python()
     tmp = tmp_path_factory.mktemp("lmms_eval_bridge")
     annotation, image_root = write_vision_flan_release(tmp / "vision_flan", per_task=16, tasks=TASKS)
-    flags = [*RUN, f"--config.data.path={annotation}", f"--config.data.image_root={image_root}",
-             f"--config.data.tokenizer={multimodal_vl_tokenizer(tmp / 'tokenizer')}"]
+    flags = [*RUN, f"--config.data.path={annotation}", f"--config.data.image_root={image_root}"]  # shipped tokenizer
     workdir = tmp / "wd"
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     config = ["--config", "configs/tiny_vl.py", "--workdir", str(workdir), *flags]
@@ -164,8 +163,14 @@ def _size(path):
         return image.size
 
 
+# a template that renders string contents only (as the shipped synthetic VL tokenizer's did before)
+STRINGS_ONLY_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                         "+ '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+                         "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
 @pytest.mark.parametrize("template, error", [
-    (None, "cannot render multimodal messages"),  # the shipped synthetic VL tokenizer's: strings only
+    (STRINGS_ONLY_TEMPLATE, "cannot render multimodal messages"),
     (MULTIMODAL_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>"), "another prompt"),
 ])
 def test_the_writer_refuses_a_chat_template_that_would_show_lmms_eval_another_prompt(tmp_path, template, error):
@@ -183,9 +188,8 @@ def test_the_writer_refuses_a_chat_template_that_would_show_lmms_eval_another_pr
     spec.loader.exec_module(module)
     cfg = module.get_config()
     cfg.data.synthetic.examples_per_task = 12
-    if template is not None:
-        cfg.data.tokenizer = str(multimodal_vl_tokenizer(tmp_path / "tokenizer"))
-        (tmp_path / "tokenizer" / "chat_template.jinja").write_text(template)
+    cfg.data.tokenizer = str(multimodal_vl_tokenizer(tmp_path / "tokenizer"))
+    (tmp_path / "tokenizer" / "chat_template.jinja").write_text(template)
     tokenizer = load_tokenizer(cfg)
     held = heldout(load_mixture(cfg, tokenizer, tmp_path))
     records = src.iter_records(src.resolve(cfg, tmp_path)[0])

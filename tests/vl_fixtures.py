@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import transformers
 
+from merit_jax.data.synthetic_vl import VL_CHAT_TEMPLATE
 from merit_jax.models.qwen2_5_vl import tiny_vl_hf_config
 
 VOCAB = 151
@@ -134,14 +135,7 @@ def write_vision_flan_release(out, per_task: int = 10, seed: int = 0, tasks=RELE
 # The shipped synthetic VL tokenizer's chat template (merit_jax/data/assets/synthetic_vl_tokenizer), which also
 # renders a message whose content is a list of image and text parts, as released Qwen2.5-VL templates do and
 # as lmms-eval's Qwen2.5-VL model sends them; string contents render exactly as before.
-MULTIMODAL_CHAT_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
-    "{%- endfor %}{%- endif %}{{- '<|im_end|>' + '\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+MULTIMODAL_CHAT_TEMPLATE = VL_CHAT_TEMPLATE  # what the shipped VL tokenizer now carries
 
 
 def multimodal_vl_tokenizer(out):

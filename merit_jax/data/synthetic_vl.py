@@ -11,6 +11,17 @@ import numpy as np
 
 SYNTHETIC_VL_VERSION = 1  # bump whenever write_synthetic_vl_mixture changes its output (names the cached copy)
 VL_TOKENIZER_DIR = pathlib.Path(__file__).parent / "assets" / "synthetic_vl_tokenizer"
+# The shipped VL tokenizer's chat template: string contents render as the text tokenizer's do; a content list of
+# image and text parts (as released Qwen2.5-VL templates take them, and lmms-eval's Qwen2.5-VL model sends them)
+# renders each image as <|vision_start|><|image_pad|><|vision_end|>.
+VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}

@@ -33,8 +33,8 @@ import numpy as np
 from merit_jax.data.records import DataError, Record
 from merit_jax.errors import reading
 from merit_jax.workdir import read_json
-from merit_jax.data.synthetic_vl import (SYNTHETIC_VL_TASKS, SYNTHETIC_VL_VERSION, VL_TOKENIZER_DIR,  # noqa: F401
-                                        write_synthetic_vl_mixture)
+from merit_jax.data.synthetic_vl import (SYNTHETIC_VL_TASKS, SYNTHETIC_VL_VERSION,  # noqa: F401
+                                        VL_CHAT_TEMPLATE, VL_TOKENIZER_DIR, write_synthetic_vl_mixture)
 from merit_jax.data.tokenize import Example, truncate
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,7 @@ def build_vl_tokenizer(out_dir=VL_TOKENIZER_DIR) -> pathlib.Path:
     import merit_jax.data.synthetic as synthetic
 
     add_vision_tokens(synthetic.TOKENIZER_DIR, out_dir)
+    (pathlib.Path(out_dir) / "chat_template.jinja").write_text(VL_CHAT_TEMPLATE)
     image_processor().save_pretrained(str(out_dir))
     return pathlib.Path(out_dir)
 
