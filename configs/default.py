@@ -124,4 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   v.noise_sigmas = (0.01, 0.05, 0.1)
   v.noise_draws = 2
   v.lmc_points = 5
+
+  # --- plan (python -m merit_jax.plan): the run's size when no data is at hand ---------------------------
+  c.plan = ml_collections.ConfigDict(dict(tokens=0, tasks=0))  # training tokens (one epoch), tasks; 0: the data's
   return c
