@@ -130,19 +130,19 @@ def _specs(model):
 
 
 def run_size(cfg, tokens: int | None, tasks: int | None, workdir=None) -> dict:
-    """Tasks, groups and per-group training steps: from the data (the project's own packing plan) when it is
-    at hand, else from tokens / tasks (--tokens / --tasks, or the config's plan.tokens / plan.tasks)."""
+    """Tasks, groups and per-group training steps: from tokens / tasks when given (--tokens / --tasks), else
+    from the data (the project's own packing plan) when it is at hand, else from the config's plan.tokens /
+    plan.tasks."""
     from merit_jax.config import num_groups
     from merit_jax.train import TrainSettings
 
     s = TrainSettings.from_cfg(cfg)
     k = num_groups(cfg)
+    if tokens is None and tasks is None and _data_at_hand(cfg):
+        return _size_from_data(cfg, s, k, workdir)
     defaults = cfg.get("plan", {})
     tokens = tokens if tokens is not None else int(defaults.get("tokens", 0)) or None
     tasks = tasks if tasks is not None else int(defaults.get("tasks", 0)) or None
-    has_data = bool(cfg.data.path or list(cfg.data.get("tasks", ()) or ()) or not cfg.model.hf_path)
-    if tokens is None and tasks is None and has_data:
-        return _size_from_data(cfg, s, k, workdir)
     if tokens is None or tasks is None:
         raise PlanError("no data at hand to project the run from: pass --tokens N (training tokens of the "
                         "mixture, one epoch) and --tasks T (or set plan.tokens / plan.tasks in the config)")
@@ -155,12 +155,24 @@ def run_size(cfg, tokens: int | None, tasks: int | None, workdir=None) -> dict:
             "heldout": tasks * heldout, "groups": groups, "balanced": True}
 
 
+def _data_at_hand(cfg) -> bool:
+    """data.tasks, an existing data.path, or the synthetic mixture of a random tiny model."""
+    if list(cfg.data.get("tasks", ()) or ()):
+        return True
+    return pathlib.Path(cfg.data.path).exists() if cfg.data.path else not cfg.model.hf_path
+
+
 def _size_from_data(cfg, s, k: int, workdir) -> dict:
     from merit_jax import workdir as wd
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.pipeline import num_train_steps
 
-    mixture = load_mixture(cfg, load_tokenizer(cfg), None)
+    try:
+        tokenizer = load_tokenizer(cfg)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"reading the data needs the model's tokenizer (configs/arch holds none): set "
+                        f"data.tokenizer, or pass --tokens / --tasks ({e})") from None
+    mixture = load_mixture(cfg, tokenizer, None)
     kw = dict(seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed, num_epochs=float(s.epochs))
     joint = num_train_steps(mixture.train_examples(), **kw)
     names = mixture.names
