@@ -26,7 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # master weights
   m.compute_dtype = "float32"  # "bfloat16" on accelerators
   m.remat = "none"  # none | full | dots (jax.checkpoint policy inside each decoder block)
-  m.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+  # xla | cudnn (jax.nn.dot_product_attention) | splash (Pallas TPU kernel over packed rows: no T x S scores;
+  # needs seq lengths that are multiples of 128, else falls back to xla; interpreted, slowly, off TPU)
+  m.attention = "xla"
   m.logits_chunk = 512  # positions whose logits exist at once in a loss (0: all): [B, 512, V] fp32, not [B, S, V]
 
   # --- mesh --------------------------------------------------------------------------------------
@@ -68,9 +70,15 @@ def get_config() -> ml_collections.ConfigDict:
   e.include = (".*",)  # regexes over parameter paths
   e.exclude = ("embed_tokens", "lm_head")
   e.keep_example_sketches = True  # needed for the calibration-stability curve
+  # auto | per_example (vmap(grad)) | batched (one gradient of the weighted loss per chunk: a training step's
+  # cost and memory; same vector for per_example=mean|tokens); auto: batched when nothing per-example is kept
+  e.gradients = "auto"
   e.seed = 0  # of the sketch's hash
   e.stability_sizes = (10, 25, 50, 100, 200)  # m of the calibration-stability curve
   e.stability_draws = 20  # random m-subsets per task and m
+  # the curve's reference: this many training examples per task held apart from the n calibration ones (paper:
+  # 1,000; fewer where a task has fewer; 0: the mean of all n calibration examples, which reads high)
+  e.stability_reference = 1000
 
   # --- split ---------------------------------------------------------------------------------------
   c.split = s = ml_collections.ConfigDict()
@@ -124,6 +132,12 @@ def get_config() -> ml_collections.ConfigDict:
   v.noise_sigmas = (0.01, 0.05, 0.1)
   v.noise_draws = 2
   v.lmc_points = 5
+  # Hessian–PCA alignment at θ⁰ (docs/SPLIT.md): |cos| of each split axis's parameter-space direction with the
+  # span of the top-k Hessian eigenvectors of the training loss, against random directions. ~10 s here; at
+  # 3B it costs ~k+40 Hessian-vector products and a Lanczos basis of 40 x the selected parameters.
+  v.hessian_alignment = True
+  v.hessian_k = 10  # the paper: top-10
+  v.hessian_examples = 64  # training examples (spread over the tasks) in the loss whose Hessian is taken
 
   # --- plan (python -m merit_jax.plan): the run's size when no data is at hand ---------------------------
   c.plan = ml_collections.ConfigDict(dict(tokens=0, tasks=0))  # training tokens (one epoch), tasks; 0: the data's

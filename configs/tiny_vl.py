@@ -19,11 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     m = c.model
     m.model_type = "qwen2_5_vl"  # with hf_path "": build a random tiny model of this family
-    # Overrides of merit_jax.models.qwen2_5_vl.TINY_TEXT / TINY_VISION (vocab_size comes from the tokenizer).
+    # Overrides of merit_jax.models.qwen2_5_vl.TINY_TEXT / TINY_VISION (vocab_size comes from the tokenizer);
+    # sequences are tuples, which --config.model.tiny_vl.vision.fullatt_block_indexes='(3, 7, 11)' can override.
     m.tiny_vl = ml_collections.ConfigDict(dict(
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rope_theta=10000.0, mrope_section=[2, 3, 3]),
-        vision=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=[1, 3],
+                  num_key_value_heads=2, rope_theta=10000.0, mrope_section=(2, 3, 3)),
+        vision=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=(1, 3),
                     window_size=56),
         tie_word_embeddings=True))
 

@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from merit_jax.errors import InputFileError, reading
+from merit_jax.models.names import name_key
+
 if TYPE_CHECKING:
     import jax
 
@@ -57,7 +60,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputFileError):
     """A directory is not a (complete) merit_jax checkpoint, or a request does not fit the checkpoint."""
 
 
@@ -182,9 +185,9 @@ def check_checkpoint(path: PathLike) -> pathlib.Path:
 
 def read_hf_config(path: PathLike) -> dict:
     """The model's Hugging Face config stored with the checkpoint."""
-    path = check_checkpoint(path)
-    with open(path / CONFIG_FILE) as f:
-        return json.load(f)
+    from merit_jax.workdir import read_json
+
+    return read_json(check_checkpoint(path) / CONFIG_FILE)
 
 
 def _tree_metadata(path: pathlib.Path) -> Mapping[str, Any]:
@@ -194,7 +197,8 @@ def _tree_metadata(path: pathlib.Path) -> Mapping[str, Any]:
 
     # The handler's own metadata (the tree), not the Checkpointer's: a Writer-made params/ has no Checkpointer
     # step metadata (_CHECKPOINT_METADATA), only the PyTree's.
-    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path / PARAMS_DIR))
+    with reading(path / PARAMS_DIR, "merit_jax checkpoint's tensor metadata"):
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path / PARAMS_DIR))
     # orbax >= 0.11 returns a TreeMetadata wrapping the tree; older ones the tree itself.
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
@@ -208,7 +212,7 @@ def tensor_specs(path: PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     path = check_checkpoint(path)
     return {
         name: (tuple(int(s) for s in m.shape), np.dtype(m.dtype))
-        for name, m in sorted(_tree_metadata(path).items())
+        for name, m in sorted(_tree_metadata(path).items(), key=lambda item: name_key(item[0]))
     }
 
 
@@ -485,10 +489,13 @@ class Reader:
             restore_args[name] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=dtype)
 
         item = {name: 0 for name in wanted}  # only the keys matter with partial_restore
-        restored = self._ckptr.restore(
-            self.path / PARAMS_DIR,
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=len(wanted) < len(specs)),
-        )
+        where = f" (tensors {wanted[0]!r}..{wanted[-1]!r})" if len(wanted) > 1 else f" (tensor {wanted[0]!r})"
+        with reading(self.path / PARAMS_DIR, "merit_jax checkpoint", where):
+            restored = self._ckptr.restore(
+                self.path / PARAMS_DIR,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                            partial_restore=len(wanted) < len(specs)),
+            )
         return {name: restored[name] for name in wanted}
 
     def close(self) -> None:

@@ -10,16 +10,18 @@ import re
 import jax
 
 from merit_jax import workdir as wd
+from merit_jax.errors import regex_errors
 
 CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ("xla", "cudnn", "splash"),
     "model.model_type": ("qwen2", "qwen2_5_vl"),
     "data.truncation": ("left", "right", "skip"),
     "extract.reduction": ("full", "stride", "sketch"),
     "extract.per_example": ("mean", "unit", "tokens"),
+    "extract.gradients": ("auto", "per_example", "batched"),
     "split.method": ("merit", "random", "conflict", "none"),
     "train.optimizer": ("adamw", "sgd"),
     "train.schedule": ("cosine", "linear", "constant"),
@@ -39,17 +41,6 @@ def _get(cfg, dotted: str):
             raise ValueError(f"config: missing key {dotted!r}")
         node = node[part]
     return node
-
-
-def regex_errors(key: str, patterns) -> list[str]:
-    """One message per pattern of config key `key` that is not a valid regular expression."""
-    errors = []
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            errors.append(f"{key}: invalid regex {pattern!r}: {e}")
-    return errors
 
 
 def num_groups(cfg) -> int:
@@ -74,6 +65,10 @@ def validate(cfg, stage: str = "all", branch: int | None = None) -> None:
         errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
     if cfg.split.method != "none" and not 1 <= cfg.split.depth <= 10:
         errors.append(f"split.depth={cfg.split.depth}: must be 1..10 for split.method={cfg.split.method!r}")
+    e = cfg.extract
+    if e.gradients == "batched" and (e.per_example == "unit" or e.keep_example_sketches):
+        errors.append("extract.gradients='batched' gives no per-example gradients: it needs extract.per_example="
+                      "mean|tokens and extract.keep_example_sketches=False")
     for key in ("extract.include", "extract.exclude"):
         errors += regex_errors(key, _get(cfg, key))
     if cfg.merge.method == "weights" and not list(cfg.merge.weights):

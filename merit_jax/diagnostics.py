@@ -12,6 +12,8 @@ function params -> scalar loss (jit it yourself when it is a model).
   noise_robustness     the loss under that noise, several σ and draws
   merging_gain         Σ_k w_k L(θ_k) − L(Σ_k w_k θ_k)  (≥ 0 in a quadratic basin: Theorem 1)
   quadratic_theorem1_terms   both sides of Theorem 1 on an explicit quadratic
+  hessian_top_eigs     the k largest Hessian eigenvalues and unit eigenvectors, by Lanczos on Hessian-vector
+                       products (merit_jax/hessian.py, re-exported here: the DESIGN.md entry point)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+
+from merit_jax.hessian import hessian_top_eigs  # noqa: F401  (re-exported: the DESIGN.md entry point)
 
 PyTree = Any
 LossFn = Callable[[PyTree], Any]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,7 @@ class Evaluator:
         self.pad_id = tokenizer.pad_token_id or 0
         self._batches = {key: self._make_batches(items) for key, items in
                          (("heldout", self.heldout), ("train", self.train_sample))}
+        self._gen_images = self._fit_generation_images()
 
         @jax.jit
         def row_losses(state, batch):
@@ -131,6 +133,21 @@ class Evaluator:
             return {k: jnp.asarray(v) for k, v in out.items()}
 
         return (batch, range(0, n + pad, self.batch)), n
+
+    def _fit_generation_images(self):
+        """Qwen2.5-VL: (RowImages for the processor, LayoutSizes, images per batch) fitted on every generation
+        batch of the held-out set (their images in one flat list each), so that generate_vl compiles once for
+        all of them; None for a text model or images-free held-out set."""
+        if self.make_images is None:
+            return None
+        from merit_jax.models.vision_layout import layout_sizes
+
+        images = self.make_images([ex for _, ex in self.heldout])
+        batches = [images.grids(range(i, min(i + self.batch, len(self.heldout))))
+                   for i in range(0, len(self.heldout), self.batch)]
+        if not any(len(g) for g in batches):
+            return None
+        return images, layout_sizes(batches, self.template.vl_config.vision), max(len(g) for g in batches)
 
     def state_of(self, flat: dict) -> nnx.State:
         P.unflatten_into(self.template, flat)
@@ -178,12 +195,18 @@ class Evaluator:
             return generate(self.template, ids, mask, **kw)
         from merit_jax.data.vision import load_pixels
         from merit_jax.models.qwen2_5_vl import generate_vl
+        from merit_jax.models.vision_layout import vision_layout
 
-        images = self.make_images(examples)
+        if self._gen_images is None:
+            return generate_vl(self.template, ids, mask, **kw)
+        images, sizes, n_images = self._gen_images
         pixel_values, grid = load_pixels(examples, images.processor, images.max_image_pixels)
         if not len(grid):
             return generate_vl(self.template, ids, mask, **kw)
-        return generate_vl(self.template, ids, mask, pixel_values, grid, bucket=True, **kw)
+        # one layout size and image count for every batch (fitted on all of them): one compilation
+        layout = vision_layout(grid, self.template.vl_config.vision, sizes=sizes)
+        grid = np.pad(grid, ((0, n_images - len(grid)), (0, 0)))  # zero rows own no tokens
+        return generate_vl(self.template, ids, mask, pixel_values, grid, vision_layout=layout, **kw)
 
     def evaluate(self, flat: dict) -> dict:
         loss, acc = self.task_losses(flat), self.accuracy(flat)
@@ -244,8 +267,41 @@ def run(cfg, workdir: pathlib.Path) -> dict:
             model_diagnostics(cfg, ev, name, flat, theta0, result["mean_loss"], own)
         del flat
     results["diagnostics"] = {**branch_diagnostics(cfg, workdir, ev, models, theta0, results["models"]), **own}
+    if cfg.evaluate.get("hessian_alignment", False):
+        results["diagnostics"]["hessian_alignment"] = alignment_diagnostic(cfg, workdir, mixture, template)
     wd.write_json(out_file, results)
     return results
+
+
+def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture, template) -> dict:
+    """Hessian–PCA alignment at θ⁰ (merit_jax.alignment), or {"skipped": why} where it does not apply."""
+    from merit_jax import alignment
+    from merit_jax import split
+
+    partition = wd.read_partition(workdir)
+    record = wd.read_json(wd.extract_dir(workdir) / "tasks.json")
+    why = ("the split has no principal axis (split.method=none)" if not partition.get("depth") else
+           "Qwen2.5-VL calibration batches carry images; text models only for now" if row_images_for(cfg, template)
+           else "extract.per_example=unit weighs examples by gradient norms" if record["per_example"] == "unit"
+           else None)
+    if why:
+        log.warning("evaluate: Hessian–PCA alignment skipped: %s", why)
+        return {"skipped": why}
+    start = time.time()
+    names = record["params"]["names"]
+    tasks = [mixture.tasks[t["name"]].calib for t in record["tasks"]]
+    cos = np.load(wd.split_dir(workdir) / "cosine.npy")
+    pca = split.pca_scores(cos, int(partition["depth"]), center=bool(partition.get("center", True)))
+    row_norms = np.sqrt(np.diag(np.load(wd.extract_dir(workdir) / "gram.npy")))
+    e = cfg.evaluate
+    model = load_model(wd.theta0(cfg, workdir), compute_dtype=cfg.model.compute_dtype)
+    out = alignment.hessian_alignment(model, names, tasks, record["per_example"], pca.axes_tr, row_norms,
+                                      k=int(e.get("hessian_k", 10)), hessian_examples=int(e.get("hessian_examples", 64)),
+                                      seed=int(cfg.get("seed", 0)), logits_chunk=int(cfg.model.get("logits_chunk", 0)))
+    out["seconds"] = round(time.time() - start, 1)
+    log.info("evaluate: Hessian–PCA alignment %s (random %.2e) in %.1fs", ", ".join(f"{a:.3f}" for a in out["axes"]),
+             out["random_mean"], out["seconds"])
+    return out
 
 
 def model_diagnostics(cfg, ev: Evaluator, name: str, flat: dict, theta0: dict, heldout_loss: float,

@@ -44,6 +44,7 @@ from merit_jax.sharding import LOGICAL_RULES
 log = logging.getLogger(__name__)
 
 PER_EXAMPLE = ("mean", "unit", "tokens")
+GRADIENT_PATHS = ("auto", "per_example", "batched")
 STABILITY_SIZES = (10, 25, 50, 100, 200)
 BATCH_AXES = ("data", "fsdp")  # examples are sharded over every data-parallel mesh axis
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -112,6 +113,21 @@ def _vmapped_grads(graphdef, selected, rest, chunk, spmd_axes, logits_chunk=0):
     return losses, _flat(grads)
 
 
+def _weighted_grad(graphdef, selected, rest, chunk, weights_c, logits_chunk=0):
+    """(losses [C], {name: Σ_i w_i ∇loss_i}) of a chunk in one batched backward pass: the gradient of the
+    weighted sum of the examples' losses equals the weighted sum of their gradients, at the cost of one
+    forward+backward of the chunk (no per-example gradient ever exists)."""
+    def weighted(sel):
+        model = nnx.merge(graphdef, sel, rest)
+        ce = batch_token_ce(model, chunk, logits_chunk)
+        mask = chunk["loss_mask"].astype(jnp.float32)
+        losses = jnp.sum(ce * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+        return jnp.sum(weights_c * losses), losses
+
+    (_, losses), grad = jax.value_and_grad(weighted, has_aux=True)(selected)
+    return losses, _flat(grad)
+
+
 def per_example_grads(model: nnx.Module, batch: Mapping[str, Any], names: Sequence[str] | None = None):
     """(losses [B], {name: gradient [B, ...]}) for every row of a batch dict, in one vmap (tests, bench).
     Materialises all B gradients: the stage never calls this, it reduces micro-chunks instead."""
@@ -135,6 +151,7 @@ class ExtractOptions:
     micro_chunk: int = 16  # examples per vmap(grad) step (global, over all data shards)
     keep_example_sketches: bool = True
     logits_chunk: int = 0  # model.logits_chunk: the loss's logits this many positions at a time (0: at once)
+    gradients: str = "auto"  # auto | per_example | batched (see `batched`)
 
     def __post_init__(self):
         if self.reduction not in sk.REDUCTIONS:
@@ -143,6 +160,21 @@ class ExtractOptions:
             raise ValueError(f"extract.per_example must be one of {PER_EXAMPLE}, got {self.per_example!r}")
         if isinstance(self.micro_chunk, bool) or int(self.micro_chunk) != self.micro_chunk or self.micro_chunk < 1:
             raise ValueError(f"extract.micro_chunk must be an integer >= 1, got {self.micro_chunk!r}")
+        if self.gradients not in GRADIENT_PATHS:
+            raise ValueError(f"extract.gradients must be one of {GRADIENT_PATHS}, got {self.gradients!r}")
+        if self.gradients == "batched" and (self.per_example == "unit" or self.keep_example_sketches):
+            raise ValueError("extract.gradients=batched gives no per-example gradients: it needs "
+                             "extract.per_example=mean|tokens and extract.keep_example_sketches=False")
+
+    @property
+    def batched(self) -> bool:
+        """One gradient of the weighted loss per micro-chunk instead of per-example gradients. The task's mean
+        (weights 1 or supervised tokens) is linear in the examples, so both give the same vector; only `unit`
+        weights, per-example norms and per-example sketches (the stability curve) need per-example values.
+        `auto` takes the batched path whenever nothing per-example is asked for."""
+        if self.gradients == "auto":
+            return self.per_example != "unit" and not self.keep_example_sketches
+        return self.gradients == "batched"
 
     @property
     def example_reduction(self) -> str:
@@ -155,14 +187,14 @@ class ExtractOptions:
         return cls(reduction=e.reduction, per_example=e.per_example, dim=int(e.dim), stride=int(e.stride),
                    seed=int(e.get("seed", cfg.get("seed", 0))), micro_chunk=int(e.micro_chunk),
                    keep_example_sketches=bool(e.keep_example_sketches),
-                   logits_chunk=int(cfg.model.get("logits_chunk", 0)))
+                   logits_chunk=int(cfg.model.get("logits_chunk", 0)), gradients=e.get("gradients", "auto"))
 
 
 @dataclasses.dataclass
 class TaskResult:
     vector: np.ndarray  # float32 [d]: the reduced weighted mean gradient ([P] for full)
     losses: np.ndarray  # float32 [n]: per-example loss (mean over its supervised tokens)
-    norms: np.ndarray  # float32 [n]: per-example gradient norm (over the selected parameters)
+    norms: np.ndarray | None  # float32 [n]: per-example gradient norm (selected parameters); None when batched
     tokens: np.ndarray  # float32 [n]: supervised tokens per example
     example_sketches: np.ndarray | None  # float32 [n, d_e]: reduced per-example gradients, when kept
 
@@ -195,6 +227,7 @@ class _Plan:
     batch_axes: tuple[str, ...]
     grad_specs: tuple[PartitionSpec, ...] | None  # per selected tensor, in layout order
     logits_chunk: int = 0  # positions per logits chunk in each example's loss
+    batched: bool = False  # one gradient of the weighted loss per chunk (ExtractOptions.batched)
 
     def reduce(self, flat, reduction):
         return sk.reduce_flat(flat, self.layout, reduction, d=self.dim, s=self.stride, seed=self.seed)
@@ -219,16 +252,28 @@ def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
                                                        s=plan.stride)))
         return carry, ys
 
+    def batched_step(carry, xs):
+        acc, wsum = carry
+        chunk, valid_c = xs
+        tokens_c = jnp.sum(chunk["loss_mask"].astype(jnp.float32), axis=1)
+        w_c = _weights(mode, valid_c, jnp.ones_like(valid_c), tokens_c)  # mode is mean or tokens here
+        losses_c, grad = _weighted_grad(plan.graphdef, selected, rest, chunk, w_c, plan.logits_chunk)
+        acc = {k: acc[k] + grad[k].astype(jnp.float32) for k in plan.layout.names}
+        ys = {"loss": losses_c, "norm": jnp.full_like(losses_c, jnp.nan), "tokens": tokens_c}
+        return (acc, wsum + jnp.sum(w_c)), ys
+
     def chunk_step(carry, xs):
+        if plan.batched:
+            return batched_step(carry, xs)
         acc, wsum = carry
         chunk, valid_c = xs
         losses_c, grads = _vmapped_grads(plan.graphdef, selected, rest, chunk, spmd, plan.logits_chunk)
         if plan.grad_specs is not None:
-            grads = {k: jax.lax.with_sharding_constraint(v, NamedSharding(plan.mesh, spec))
-                     for (k, v), spec in zip(grads.items(), plan.grad_specs)}
+            grads = {k: jax.lax.with_sharding_constraint(grads[k], NamedSharding(plan.mesh, spec))
+                     for k, spec in zip(plan.layout.names, plan.grad_specs)}
         # Reductions over the example axis as contractions (XLA CPU reduces a leading axis ~20x slower than
         # it runs a matrix-vector product); HIGHEST: no reduced-precision (tf32/bf16) dots on accelerators.
-        rows = {k: g.astype(jnp.float32).reshape(g.shape[0], -1) for k, g in grads.items()}
+        rows = {k: grads[k].astype(jnp.float32).reshape(grads[k].shape[0], -1) for k in plan.layout.names}
         sq_c = sum(jnp.sum(jnp.square(r), axis=1) for r in rows.values())
         norms_c = jnp.sqrt(sq_c)
         tokens_c = jnp.sum(chunk["loss_mask"].astype(jnp.float32), axis=1)
@@ -280,7 +325,8 @@ class TaskExtractor:
         self.plan = _Plan(graphdef, self.layout, options.reduction,
                           options.example_reduction if options.keep_example_sketches else None,
                           options.dim, options.stride, options.seed, mesh, batch_axes,
-                          self._grad_specs(model) if mesh is not None else None, options.logits_chunk)
+                          self._grad_specs(model) if mesh is not None else None, options.logits_chunk,
+                          options.batched)
 
     def _grad_specs(self, model) -> tuple[PartitionSpec, ...]:
         """Per-example gradient [C, ...]: examples over the batch axes, parameter dims over tp only (the
@@ -356,8 +402,9 @@ class TaskExtractor:
         take = lambda x: x.reshape((-1,) + x.shape[2:])[:n]
         if self.options.reduction == "full":
             vector = np.concatenate([np.asarray(to_host(vector[k])).ravel() for k in self.layout.names])
-        result = TaskResult(np.asarray(to_host(vector), np.float32), take(ys["loss"]), take(ys["norm"]),
-                            take(ys["tokens"]), take(ys["sketch"]) if "sketch" in ys else None)
+        result = TaskResult(np.asarray(to_host(vector), np.float32), take(ys["loss"]),
+                            None if self.plan.batched else take(ys["norm"]), take(ys["tokens"]),
+                            take(ys["sketch"]) if "sketch" in ys else None)
         check_result(result, task, self.options.per_example)
         return result
 
@@ -371,11 +418,12 @@ def _mesh_context(mesh):
 
 def check_result(result: TaskResult, task: str, per_example: str = "mean") -> None:
     """Clear errors for gradients that cannot give a direction: NaN/inf anywhere, or all zeros."""
-    bad = np.flatnonzero(~np.isfinite(result.norms) | ~np.isfinite(result.losses))
+    norms = result.norms if result.norms is not None else np.ones_like(result.losses)  # batched: no norms
+    bad = np.flatnonzero(~np.isfinite(norms) | ~np.isfinite(result.losses))
     if bad.size:
         raise FloatingPointError(f"task {task!r}: calibration example(s) {bad[:5].tolist()} give a NaN/inf "
                                  f"loss or gradient (losses {result.losses[bad[:5]].tolist()})")
-    zero = np.flatnonzero(result.norms == 0)
+    zero = np.flatnonzero(norms == 0)
     if zero.size and per_example == "unit":
         raise FloatingPointError(f"task {task!r}: calibration example(s) {zero[:5].tolist()} have a zero "
                                  "gradient, which extract.per_example=unit cannot normalise")
@@ -409,14 +457,23 @@ def stability_curve(per_task_cosines: Mapping[str, Mapping[int, np.ndarray]],
     return curve
 
 
+def weighted_sketch_mean(result: TaskResult, per_example: str) -> np.ndarray:
+    """The task's weighted mean gradient in per-example-sketch space (the sketches are linear)."""
+    w = sk.example_weights(per_example, result.norms, result.tokens)
+    return w @ result.example_sketches.astype(np.float64) / w.sum()
+
+
 def task_stability(result: TaskResult, per_example: str, sizes: Sequence[int], draws: int,
-                   seed: int, task: str) -> dict[int, np.ndarray]:
-    """{m: cosines [draws]} for the m in `sizes` with m <= n, from the task's per-example sketches."""
+                   seed: int, task: str, reference: TaskResult | None = None) -> dict[int, np.ndarray]:
+    """{m: cosines [draws]} for the m in `sizes` with m <= n, from the task's per-example sketches, against
+    `reference` (a pass over examples disjoint from the calibration ones) or, without one, against the mean of
+    all n calibration examples."""
     if result.example_sketches is None:
         return {}
     w = sk.example_weights(per_example, result.norms, result.tokens)
+    ref = weighted_sketch_mean(reference, per_example) if reference is not None else None
     rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "little")])
-    return {int(m): sk.stability_cosines(result.example_sketches, w, int(m), draws, rng)
+    return {int(m): sk.stability_cosines(result.example_sketches, w, int(m), draws, rng, ref)
             for m in sizes if m <= result.n}
 
 
@@ -439,7 +496,8 @@ def _fingerprint(cfg, theta0: pathlib.Path, mixture_fp: str, names: Sequence[str
     stamps = sorted((p.name, p.stat().st_mtime_ns) for p in theta0.iterdir()) if theta0.is_dir() else []
     keys = dict(theta0=[str(theta0), stamps], mixture=mixture_fp, names=list(names),
                 options=_options_record(cfg),
-                stability=[list(e.get("stability_sizes", STABILITY_SIZES)), int(e.get("stability_draws", 20))])
+                stability=[list(e.get("stability_sizes", STABILITY_SIZES)), int(e.get("stability_draws", 20)),
+                           int(e.get("stability_reference", 0))])
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
@@ -453,8 +511,9 @@ def _options_record(cfg) -> dict[str, Any]:
     """What the outputs depend on besides θ⁰ and the data (stored in tasks.json, compared on skip)."""
     e = cfg.extract
     options = dataclasses.asdict(ExtractOptions.from_config(cfg))
-    options.pop("micro_chunk")  # these two change memory and speed, not results
+    options.pop("micro_chunk")  # these change memory and speed, not results
     options.pop("logits_chunk")
+    options.pop("gradients")  # batched and per-example gradients give the same vectors
     return {**options, "n_calib": int(e.n_calib), "include": list(e.include), "exclude": list(e.exclude)}
 
 
@@ -496,14 +555,17 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     mixture = load_mixture(cfg, tokenizer, workdir)
     names = select_params(list(P.flatten(model)), list(e.include), list(e.exclude))
     extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=_xla_options(e))
-    images, first = _calibration_images(cfg, model, mixture)
+
     vocab = _vocab_size(model)
     task_names = list(mixture.tasks)
     n_tasks = len(task_names)
     for name in task_names:  # every input error before any compute
         check_calibration(name, mixture.tasks[name].calib, vocab)
     # every task padded to the largest task's chunk count: one compilation per sequence-length bucket
-    chunks = extractor.chunks_for(max(len(t.calib) for t in mixture.tasks.values()))
+    with_reference = options.keep_example_sketches and any(t.reference for t in mixture.tasks.values())
+    chunks = extractor.chunks_for(max(max(len(t.calib), len(t.reference) if with_reference else 0)
+                                      for t in mixture.tasks.values()))
+    images, first = _calibration_images(cfg, model, mixture, with_reference)
     log.info("extract: %d tasks, %d parameter tensors (%d coordinates), reduction=%s -> d=%d, θ⁰=%s",
              n_tasks, len(names), extractor.layout.total, options.reduction, extractor.dim, theta)
 
@@ -538,17 +600,28 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
                 stats[name] = saved["stats"]
                 cosines[name] = {int(m): np.asarray(v) for m, v in saved["stability"].items()}
             continue
-        batch = pad_batch(task.calib, seq_bucket(max(len(ex) for ex in task.calib)))
-        if images is not None:  # Qwen2.5-VL: each example with its own images
-            batch = images.add(batch, [[first[name] + i] for i in range(len(task.calib))])
-        result = extractor(batch, task=name, chunks=chunks)
+        def task_batch(examples, offset):
+            batch = pad_batch(examples, seq_bucket(max(len(ex) for ex in examples)))
+            if images is not None:  # Qwen2.5-VL: each example with its own images
+                batch = images.add(batch, [[first[name] + offset + i] for i in range(len(examples))])
+            return batch
+
+        result = extractor(task_batch(task.calib, 0), task=name, chunks=chunks)
+        reference = None
+        if with_reference and task.reference:
+            reference = extractor(task_batch(task.reference, len(task.calib)), task=f"{name} (stability reference)",
+                                  chunks=chunks)
         record = {"name": name, "n_calib": result.n, "train_tokens": int(task.train_tokens),
                   "family": task.family, "calib_tokens": int(result.tokens.sum()),
-                  "loss_mean": float(result.losses.mean()), "grad_norm_mean": float(result.norms.mean()),
+                  "loss_mean": float(result.losses.mean()),
+                  "grad_norm_mean": None if result.norms is None else float(result.norms.mean()),
                   "mean_grad_norm": float(np.linalg.norm(result.vector.astype(np.float64)))}
-        stats[name] = {"grad_norm": result.norms.tolist(), "loss": result.losses.tolist(),
+        stats[name] = {"grad_norm": None if result.norms is None else result.norms.tolist(),
+                       "loss": result.losses.tolist(),
                        "tokens": result.tokens.astype(int).tolist()}
-        cosines[name] = task_stability(result, options.per_example, sizes, draws, options.seed, name)
+        record["stability_reference"] = len(task.reference) if reference is not None else 0
+        cosines[name] = {} if with_reference and reference is None else task_stability(  # no disjoint examples
+            result, options.per_example, sizes, draws, options.seed, name, reference)
         records.append(record)
         if primary:
             rows[t] = result.vector
@@ -571,7 +644,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     write_json(out / "stability.json", {
         **curve, "draws_per_task": draws, "per_example": options.per_example,
         "space": f"{options.example_reduction} d={extractor.example_dim}",
-        "reference": "weighted mean of all n calibration examples of the task (m = n gives 1 by construction)",
+        **stability_protocol(records, with_reference),
         "per_task": {k: {str(m): float(np.mean(v)) for m, v in c.items()} for k, c in cosines.items()}})
     write_json(out / "tasks.json", record)  # last: its presence marks the stage complete
     shutil.rmtree(partial, ignore_errors=True)
@@ -581,7 +654,20 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     return record
 
 
-def _calibration_images(cfg, model, mixture):
+def stability_protocol(records: Sequence[Mapping[str, Any]], disjoint: bool) -> dict[str, Any]:
+    """What the stability cosines compare against, for stability.json and the report."""
+    if disjoint:
+        sizes = [int(r["stability_reference"]) for r in records if r.get("stability_reference")]
+        return {"protocol": "disjoint", "reference": "weighted mean gradient of training examples held apart from "
+                "the calibration ones (extract.stability_reference per task, fewer where a task has fewer; tasks "
+                "with none are left out of the curve)",
+                "reference_examples": {"tasks": len(sizes), "min": min(sizes, default=0),
+                                       "max": max(sizes, default=0)}}
+    return {"protocol": "self", "reference": "weighted mean of all n calibration examples of the task (contains "
+            "the subset, so it reads high; m = n gives 1 by construction)", "reference_examples": None}
+
+
+def _calibration_images(cfg, model, mixture, with_reference: bool = False):
     """(RowImages over every task's calibration examples, {task: index of its first}) for a Qwen2.5-VL
     model, sized once for all of them (one compilation per sequence bucket); (None, {}) for text models."""
     from merit_jax.data.vision import row_images_for
@@ -592,7 +678,7 @@ def _calibration_images(cfg, model, mixture):
     examples, first = [], {}
     for name, task in mixture.tasks.items():
         first[name] = len(examples)
-        examples += task.calib
+        examples += task.calib + (task.reference if with_reference else [])
     return make(examples).fit([[i] for i in range(len(examples))]), first
 
 

@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from merit_jax import checkpoint
+from merit_jax.errors import InputFileError
 from merit_jax import workdir as wd
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ IGNORED_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "_comm
                                  "use_cache"})
 
 
-class MergeInputError(ValueError):
+class MergeInputError(InputFileError):
     """The inputs cannot be merged (missing, unreadable, or not belonging together)."""
 
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from merit_jax.models.names import canonical
+
 REDUCTIONS = ("full", "stride", "sketch")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -39,8 +41,10 @@ class Layout:
 
     @classmethod
     def of(cls, flat: Mapping[str, object]) -> "Layout":
-        """The layout of a flat dict (anything with `.shape`), in the dict's order."""
-        return cls(tuple(flat), tuple(tuple(int(n) for n in np.shape(v)) for v in flat.values()))
+        """The layout of a flat dict (anything with `.shape`), in the canonical name order
+        (merit_jax.models.names), whatever the dict's own order."""
+        names = canonical(flat)
+        return cls(tuple(names), tuple(tuple(int(n) for n in np.shape(flat[k])) for k in names))
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -56,12 +60,13 @@ class Layout:
         return int(sum(self.sizes))
 
     def check(self, flat: Mapping[str, object], batch_dims: int = 0) -> None:
-        """Raises if `flat` does not hold exactly these tensors (with `batch_dims` leading dims)."""
-        if tuple(flat) != self.names:
+        """Raises if `flat` does not hold exactly these tensors (with `batch_dims` leading dims). The dict's
+        own order does not matter: every reduction reads the tensors by name, in layout order."""
+        if len(flat) != len(self.names) or any(n not in flat for n in self.names):
             missing = [n for n in self.names if n not in flat]
-            extra = [n for n in flat if n not in self.names]
+            extra = [n for n in flat if n not in set(self.names)]
             raise ValueError(f"gradient tensors differ from the layout: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]} (or a different order)")
+                             f"unexpected {extra[:3]}")
         for name, shape in zip(self.names, self.shapes):
             got = tuple(np.shape(flat[name]))[batch_dims:]
             if got != shape:
@@ -223,15 +228,16 @@ def example_weights(per_example: str, norms_n: np.ndarray, tokens_n: np.ndarray)
 
 
 def stability_cosines(example_sketch_nd: np.ndarray, weights_n: np.ndarray, m: int, draws: int,
-                      rng: np.random.Generator) -> np.ndarray:
-    """Cosines [draws] between the weighted mean of m random examples (without replacement) and the
-    weighted mean of all n (both in sketch space)."""
+                      rng: np.random.Generator, reference_d: np.ndarray | None = None) -> np.ndarray:
+    """Cosines [draws] between the weighted mean of m random examples (without replacement) and a reference
+    (both in sketch space): `reference_d`, a mean over examples disjoint from these (the paper's protocol,
+    unbiased), or, when None, the weighted mean of all n, which contains the subset and so reads high."""
     e = np.asarray(example_sketch_nd, np.float64)
     w = np.asarray(weights_n, np.float64)
     n = e.shape[0]
     if not 1 <= m <= n:
         raise ValueError(f"stability: subset size m={m} outside [1, n={n}]")
-    ref = w @ e / w.sum()
+    ref = w @ e / w.sum() if reference_d is None else np.asarray(reference_d, np.float64)
     out = np.empty(draws)
     for k in range(draws):
         pick = rng.choice(n, size=m, replace=False)

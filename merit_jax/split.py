@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import pathlib
 from typing import Any, NamedTuple, Sequence
 
@@ -629,13 +630,13 @@ def run(cfg: Any, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
         "pca_eigenvalues": pca.eigenvalues_r.tolist(),
         "cosine": _cosine_summary(cos, labels, len(groups)),
     }
+    if len(groups) > 1:
+        record["literal_agreement"] = literal_agreement(cos, tokens, groups, names)
     families = [t.get("family") for t in tasks]
     if all(f is not None for f in families) and len(groups) > 1:
         record["family_separation"] = family_separation(groups, families, tokens)
         if method == "merit" and depth >= 2:
-            half = len(groups) // 2
-            top = [sorted(sum(groups[:half], [])), sorted(sum(groups[half:], []))]
-            record["family_separation_top_level"] = family_separation(top, families, tokens)
+            record["family_separation_top_level"] = family_separation(top_level(groups), families, tokens)
 
     write_npy(out / "cosine.npy", cos)
     plots.cosine_heatmap(cos, names, groups, out / "cosine.png",
@@ -646,6 +647,29 @@ def run(cfg: Any, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     log.info("split: %s depth=%d -> %d groups of %s tasks, token shares %s", method, depth, len(groups),
              [len(g) for g in groups], ", ".join(f"{w:.3f}" for w in record["weights"]))
     return record
+
+
+def top_level(groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The first cut of a recursive split (groups listed low side first): the first half of the groups
+    against the second."""
+    half = len(groups) // 2
+    return [sorted(sum(map(list, groups[:half]), [])), sorted(sum(map(list, groups[half:]), []))]
+
+
+def literal_agreement(cos_tt: Any, tokens: Any, groups: Sequence[Sequence[int]],
+                      names: Sequence[str] | None = None) -> dict[str, Any]:
+    """How far a split is from the paper's literal reading on the same gradients: MERIT's recursive median
+    split along the principal axes of the *uncentred* cosine matrix, at the same depth. ARI of the top-level
+    cut and of the whole partition (1: identical, ~0: unrelated)."""
+    t = np.asarray(cos_tt).shape[0]
+    depth = max(1, int(round(math.log2(len(groups)))))
+    literal = merit_groups(cos_tt, tokens, depth, names=names, axes="global", center=False)
+    top_run = labels_from_groups(top_level(groups), t)
+    top_literal = labels_from_groups(top_level(literal), t)
+    return {"reference": "merit split of the uncentred cosine matrix (configs/paper_literal.py), same gradients",
+            "ari_top_level": adjusted_rand_index(top_run, top_literal),
+            "ari": adjusted_rand_index(labels_from_groups(groups, t), labels_from_groups(literal, t)),
+            "literal_groups": [[(names[i] if names else i) for i in g] for g in literal]}
 
 
 def _cosine_summary(cos: np.ndarray, labels: np.ndarray, k: int) -> dict[str, Any]:

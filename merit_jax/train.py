@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from merit_jax import checkpoint as ckpt_lib
 from merit_jax import workdir as wd
+from merit_jax.errors import reading
 from merit_jax.models import params as P
 from merit_jax.models.inputs import TEXT_KEYS, batch_keys, batch_token_ce
 from merit_jax.sharding import batch_sharding, make_mesh
@@ -159,7 +160,7 @@ class TrainSettings:
         for key in ("batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every", "loader_threads"):
             if getattr(self, key) < 1:
                 errors.append(f"train.{key}={getattr(self, key)} must be >= 1")
-        from merit_jax.config import regex_errors
+        from merit_jax.errors import regex_errors
 
         for key in ("no_decay", "freeze"):
             errors += regex_errors(f"train.{key}", getattr(self, key))
@@ -712,7 +713,8 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
                                        images=make_images(list(examples)) if make_images else None,
                                        num_threads=s.loader_threads)
         if start:
-            saved = manager.restore(start, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+            with reading(ckpt_dir / str(start), "training checkpoint (Orbax)"):
+                saved = manager.restore(start, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
             defaults = {"freeze": []}  # keys added since older checkpoints were written
             changed = {k: (saved.get(k, defaults.get(k)), v) for k, v in description.items()
                        if saved.get(k, defaults.get(k)) != v}
@@ -729,7 +731,8 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
                           f"process_{jax.process_index()}-of-{jax.process_count()}.json").is_file()
             if same_hosts:
                 items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-            state = manager.restore(start, args=ocp.args.Composite(**items))["state"]
+            with reading(ckpt_dir / str(start), "training checkpoint (Orbax)"):
+                state = manager.restore(start, args=ocp.args.Composite(**items))["state"]
             if not same_hosts:
                 seek(iterator, start)
             log.info("train: resumed from %s at step %d/%d%s", ckpt_dir, start, num_steps,

@@ -8,6 +8,8 @@ import pathlib
 import tempfile
 from typing import Any, Callable
 
+from merit_jax.errors import InputFileError, describe, utf8_text
+
 Path = pathlib.Path
 
 
@@ -63,9 +65,11 @@ def read_json(path: Path, what: str | None = None) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist{f' (run the {what} stage first)' if what else ''}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(utf8_text(path.read_bytes(), path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
+        raise InputFileError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except OSError as e:
+        raise InputFileError(f"{path}: cannot read it ({describe(e)})") from None
 
 
 def read_tasks(path: Path) -> list:

@@ -29,6 +29,7 @@ from tests.hf_models import tiny_qwen2
 
 OPTIONS = X.ExtractOptions(reduction="sketch", dim=512, micro_chunk=3, seed=3, keep_example_sketches=True)
 FAST = {"xla_backend_optimization_level": 0}  # XLA CPU compiles ~3x faster; same arithmetic
+DEPTH = 12  # real depth: two-digit layer indices ("layers/10" sorts before "layers/2" as a string)
 N_EXAMPLES = 5  # 2 micro-chunks of 3 (one padded row); 2 of 4 on the 8-device mesh (3 padded rows)
 
 
@@ -96,7 +97,7 @@ def concat(flat, names):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_hf")
-    tiny_qwen2(path, seed=0, std=0.1)
+    tiny_qwen2(path, seed=0, std=0.1, num_hidden_layers=DEPTH)
     return path
 
 
@@ -129,7 +130,7 @@ def test_parameter_filter_defaults_drop_embeddings_and_head(model, names):
     everything = list(P.flatten(model))
     assert "model/embed_tokens/embedding" in everything and "lm_head/kernel" in everything
     assert set(everything) - set(names) == {"model/embed_tokens/embedding", "lm_head/kernel"}
-    only_mlp = X.select_params(everything, include=[r"/mlp/"], exclude=["layers/1/"])
+    only_mlp = X.select_params(everything, include=[r"/mlp/"], exclude=["layers/[1-9]"])
     assert only_mlp and all("/mlp/" in n and "layers/0/" in n for n in only_mlp)
 
 
@@ -182,6 +183,39 @@ def test_sharded_extraction_on_8_devices_equals_unsharded(hf_dir, names, batch, 
     np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5)
     np.testing.assert_allclose(got.example_sketches, want.example_sketches, rtol=1e-4,
                                atol=1e-5 * np.abs(want.example_sketches).max())
+
+
+def family_batch(family: int, task: int, vocab: int, n: int = 8, seq_len: int = 16) -> dict[str, np.ndarray]:
+    """A task of family 0-3: random prompts, answers drawn from its super-family's two tokens and its own one
+    (families {0, 1} and {2, 3} share answer tokens), so the gradients have a two-level structure."""
+    rng = np.random.default_rng([family, task])
+    answer_tokens = np.array([10 + 2 * (family // 2), 11 + 2 * (family // 2), 20 + family])
+    b = {k: np.zeros((n, seq_len), np.int32) for k in ("input_ids", "targets", "segment_ids", "positions")}
+    b["loss_mask"] = np.zeros((n, seq_len), np.float32)
+    for i in range(n):
+        ids = np.concatenate([rng.integers(30, vocab, size=10), rng.choice(answer_tokens, size=5)])
+        b["input_ids"][i, :15], b["targets"][i, :14] = ids, ids[1:]
+        b["loss_mask"][i, 9:14] = 1.0
+        b["segment_ids"][i, :15], b["positions"][i, :15] = 1, np.arange(15)
+    return b
+
+
+def test_sketch_stride_and_full_give_the_same_split_at_real_depth(model, names):
+    """At 12 layers (two-digit indices) every reduction runs, and the depth-2 split of 8 tasks in 4 families
+    is the families' one for full, sketch and stride alike."""
+    assert len(model.model.layers) >= 12
+    batches = [family_batch(f, t, model.config.vocab_size) for f in range(4) for t in range(2)]
+    tokens = [b["loss_mask"].sum() for b in batches]
+    families = {frozenset({0, 1}), frozenset({2, 3}), frozenset({4, 5}), frozenset({6, 7})}
+    for reduction in sk.REDUCTIONS:
+        options = X.ExtractOptions(reduction=reduction, dim=1024, stride=7, micro_chunk=4,
+                                   keep_example_sketches=False)
+        ext = X.TaskExtractor(model, names, options, compiler_options=FAST)
+        grads = np.stack([ext(b, task=str(i)).vector for i, b in enumerate(batches)])
+        groups = S.conflict_split(grads, tokens, 2)
+        assert {frozenset(g) for g in groups} == families, (reduction, groups)
+        top = {frozenset(groups[0] + groups[1]), frozenset(groups[2] + groups[3])}
+        assert top == {frozenset(range(4)), frozenset(range(4, 8))}, (reduction, groups)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,10 +430,13 @@ def test_interrupted_stage_resumes_with_identical_outputs(synthetic, monkeypatch
     out = workdir / "extract"
     full = np.load(out / "task_grads.npy")
     real_call, calls = X.TaskExtractor.__call__, []
+    reference = " (stability reference)"  # each task's second call: its disjoint stability reference
 
     def interrupted(self, batch, task="?", **kw):
-        if len(calls) == 5:
+        if len(calls) == 5 and not task.endswith(reference):
             raise KeyboardInterrupt
+        if task.endswith(reference):
+            return real_call(self, batch, task, **kw)
         calls.append(task)
         return real_call(self, batch, task, **kw)
 
@@ -409,8 +446,97 @@ def test_interrupted_stage_resumes_with_identical_outputs(synthetic, monkeypatch
     assert len(list((out / ".partial").glob("task*.json"))) == 5
     assert not (out / "tasks.json").exists()  # an interrupted run never looks complete
     monkeypatch.setattr(X.TaskExtractor, "__call__", lambda self, batch, task="?", **kw: (
-        calls.append(task), real_call(self, batch, task, **kw))[1])
+        task.endswith(reference) or calls.append(task), real_call(self, batch, task, **kw))[1])
     resumed = X.run(cfg, workdir)
     assert calls[5:] == [t["name"] for t in record["tasks"][5:]]  # the first five were not recomputed
     assert resumed == record
     np.testing.assert_array_equal(np.load(out / "task_grads.npy"), full)
+
+
+def test_layout_order_is_the_names_not_the_dict_order():
+    """jax.grad / lax.scan hand dicts back with string-sorted keys ("layers/10" before "layers/2"): the layout
+    orders tensors by name with numeric indices, whatever order a dict comes in, and every reduction of the
+    same tensors is the same vector."""
+    rng = np.random.default_rng(0)
+    names = [f"model/layers/{i}/mlp/kernel" for i in range(12)] + ["model/norm/scale"]
+    module_order = {n: rng.normal(size=(3, i % 4 + 1)).astype(np.float32) for i, n in enumerate(names)}
+    string_order = dict(sorted(module_order.items()))
+    assert list(string_order)[2] == "model/layers/10/mlp/kernel"
+    layout = sk.Layout.of(string_order)
+    assert layout == sk.Layout.of(module_order) and list(layout.names) == names
+    for reduction in sk.REDUCTIONS:
+        a = np.asarray(sk.reduce_flat(module_order, layout, reduction, d=16, s=3))
+        b = np.asarray(sk.reduce_flat(string_order, layout, reduction, d=16, s=3))
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(sk.full_vector(string_order, layout)), concat(module_order, names))
+
+
+@pytest.mark.parametrize("per_example", ["mean", "tokens"])
+def test_batched_gradients_give_the_per_example_paths_vectors(hf_dir, model, names, batch, per_example):
+    """One gradient of the weighted loss per micro-chunk equals the weighted sum of per-example gradients, at
+    12 layers, on one device and sharded over 8; it keeps losses and tokens but has no per-example norms."""
+    base = dict(reduction="sketch", dim=512, micro_chunk=3, seed=3, per_example=per_example,
+                keep_example_sketches=False)
+    want = X.TaskExtractor(model, names, X.ExtractOptions(**base, gradients="per_example"),
+                           compiler_options=FAST)(batch, task="t", chunks=3)
+    batched = X.ExtractOptions(**base)
+    assert batched.batched  # auto: nothing per-example is asked for
+    got = X.TaskExtractor(model, names, batched, compiler_options=FAST)(batch, task="t", chunks=3)
+    assert got.norms is None and got.example_sketches is None
+    np.testing.assert_allclose(got.vector, want.vector, rtol=1e-4, atol=1e-5 * np.abs(want.vector).max())
+    np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    mesh = make_mesh(data=2, fsdp=2, tp=2)
+    sharded = X.TaskExtractor(load_model(hf_dir, mesh=mesh), names, batched, mesh=mesh, compiler_options=FAST)
+    np.testing.assert_allclose(sharded(batch, task="t").vector, want.vector, rtol=1e-4,
+                               atol=1e-5 * np.abs(want.vector).max())
+    with pytest.raises(ValueError, match="gradients=batched gives no per-example"):
+        X.ExtractOptions(**{**base, "per_example": "unit"}, gradients="batched")
+
+
+def test_batched_gradients_hold_no_per_example_gradient_in_memory(small_model):
+    names = X.select_params(list(P.flatten(small_model)))
+    p_bytes = 4 * sum(int(np.prod(np.shape(v))) for k, v in P.flatten(small_model).items() if k in names)
+
+    def temp_bytes(chunk, gradients):
+        options = X.ExtractOptions(reduction="full", micro_chunk=chunk, keep_example_sketches=False,
+                                   gradients=gradients)
+        ext = X.TaskExtractor(small_model, names, options, compiler_options=FAST)
+        return ext.lower(16, 8).compile().memory_analysis().temp_size_in_bytes
+
+    per_example, batched = temp_bytes(16, "per_example"), temp_bytes(16, "batched")
+    # 16 per-example gradients of P floats each (less what XLA overlaps) against one chunk gradient
+    assert per_example >= batched + 6 * p_bytes, (per_example, batched, p_bytes)
+
+
+def test_stability_against_a_disjoint_reference_is_unbiased():
+    """Examples g_i = μ + σ ε_i: the cosine between an m-example mean and a disjoint R-example reference
+    matches its value over fresh independent draws (unbiased), where the mean of all n (which contains the
+    subset) reads higher."""
+    rng = np.random.default_rng(0)
+    d, n, r, m, sigma = 256, 200, 400, 25, 4.0
+    mu = rng.normal(size=d)
+    calib = mu + sigma * rng.normal(size=(n, d))
+    reference = (mu + sigma * rng.normal(size=(r, d))).mean(0)
+    disjoint = sk.stability_cosines(calib, np.ones(n), m, 400, np.random.default_rng(1), reference)
+    self_ref = sk.stability_cosines(calib, np.ones(n), m, 400, np.random.default_rng(1))
+
+    def fresh():  # the quantity the protocol estimates: independent m- and R-example means
+        a = (mu + sigma * rng.normal(size=(m, d))).mean(0)
+        b = (mu + sigma * rng.normal(size=(r, d))).mean(0)
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    truth = np.mean([fresh() for _ in range(400)])
+    assert abs(disjoint.mean() - truth) < 0.02, (disjoint.mean(), truth)
+    assert self_ref.mean() > truth + 0.03, (self_ref.mean(), truth)
+
+
+def test_bf16_master_weights_extract_the_float32_direction(hf_dir, names, batch, extractor):
+    """bf16 parameters and compute at 12 layers: the task gradient points where the float32 one does."""
+    bf16 = load_model(hf_dir, dtype="bfloat16", compute_dtype="bfloat16")
+    assert P.flatten(bf16)["model/layers/11/mlp/up_proj/kernel"].dtype == jnp.bfloat16
+    got = X.TaskExtractor(bf16, names, OPTIONS, compiler_options=FAST)(batch, task="t", chunks=3)
+    want = extractor(batch, task="t", chunks=3)
+    cos = got.vector @ want.vector / np.linalg.norm(got.vector) / np.linalg.norm(want.vector)
+    assert got.vector.dtype == np.float32 and cos > 0.99, cos
+    np.testing.assert_allclose(got.losses, want.losses, rtol=0.05)

@@ -26,13 +26,13 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 # ------------------------------------------------------------------------------------------- builders
 
 
-def _hf_config(layers=2, tied=True, **extra):
+def _hf_config(layers=12, tied=True, **extra):
     return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 8,
             "intermediate_size": 12, "num_hidden_layers": layers, "vocab_size": 16,
             "tie_word_embeddings": tied, "torch_dtype": "float32", "rope_theta": 10000.0, **extra}
 
 
-def _tensors(kind, seed, layers=2, tied=True, dtype=np.float32):
+def _tensors(kind, seed, layers=12, tied=True, dtype=np.float32):
     """A small random model's tensors, named as HF ("a.b.weight") or merit_jax ("a/b/kernel") names them."""
     rng = np.random.default_rng(seed)
     shapes = {"embed_tokens": (16, 8), "norm": (8,)}
@@ -220,7 +220,7 @@ def test_merged_checkpoint_equals_numpy_average(tmp_path, kind, k, tied):
 def test_hf_output_loads_in_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    cfg = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=12,
                                    num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
                                    tie_word_embeddings=False)
     states = []
@@ -359,7 +359,7 @@ def _mismatch_cases():
     other_shape = dict(base)
     other_shape["model.norm.weight"] = np.zeros(9, np.float32)
     return {
-        "layer_count": (_tensors("hf", 1, layers=3), _hf_config(layers=3), r"model\.layers\.2\..*3 extra"),
+        "layer_count": (_tensors("hf", 1, layers=13), _hf_config(layers=13), r"model\.layers\.12\..*3 extra"),
         "renamed": (renamed, _hf_config(), r"model\.layers\.0\.q_proj\.weight.* missing"),
         "dtype": (other_dtype, _hf_config(), r"model\.norm\.weight.*dtype float16"),
         "shape": (other_shape, _hf_config(), r"model\.norm\.weight.*shape \(9,\)"),

@@ -31,7 +31,8 @@ def torch_logits(model, ids, mask=None):
     dict(num_attention_heads=4, num_key_value_heads=1),  # a single KV head
     dict(vocab_size=101, hidden_size=30, intermediate_size=37, num_attention_heads=3, num_key_value_heads=1,
          num_hidden_layers=3, rope_theta=1e6),  # odd sizes
-], ids=["untied-gqa3", "tied-mha", "single-kv", "odd-sizes"])
+    dict(num_hidden_layers=12, hidden_size=32, num_attention_heads=8, num_key_value_heads=2, vocab_size=128),
+], ids=["untied-gqa3", "tied-mha", "single-kv", "odd-sizes", "deep-gqa4"])
 def test_logits_match_transformers(tmp_path, overrides):
     ref = tiny_qwen2(tmp_path, **overrides)
     ours = merit_jax.load_hf(tmp_path)
@@ -186,7 +187,7 @@ def test_no_weights_is_named(tmp_path):
 def test_export_loads_in_transformers_and_decodes_the_same(tmp_path):
     from merit_jax.convert.hf import save_hf
 
-    ref = tiny_qwen2(tmp_path / "src", std=0.3, tie_word_embeddings=True)
+    ref = tiny_qwen2(tmp_path / "src", std=0.3, tie_word_embeddings=True, num_hidden_layers=12)
     ours = merit_jax.load_hf(tmp_path / "src")
     save_hf(ours, ref.config.to_dict(), tmp_path / "out", max_shard_bytes=20_000)  # several shards + index
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()

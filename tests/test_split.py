@@ -394,6 +394,12 @@ def test_stage_writes_the_partition_and_pictures(tmp_path):
     assert saved["weights"] == pytest.approx([n / tokens.sum() for n in saved["tokens"]])
     assert saved["family_separation"]["ari"] == 1.0
     assert saved["family_separation"]["random_ari_mean"] < 0.5
+    literal = S.merit_groups(S.cosine_matrix(g), tokens, 2, center=False)  # the paper-literal split
+    assert saved["literal_agreement"]["literal_groups"] == [[names[i] for i in grp] for grp in literal]
+    ari = S.adjusted_rand_index(S.labels_from_groups(S.top_level(literal), 16),
+                                S.labels_from_groups(S.top_level([[names.index(n) for n in grp]
+                                                                  for grp in saved["groups"]]), 16))
+    assert saved["literal_agreement"]["ari_top_level"] == pytest.approx(ari)
     assert len(saved["explained_variance"]) == 2 and saved["explained_variance"][0] > saved["explained_variance"][1]
     cos = np.load(out / "cosine.npy")
     assert cos.dtype == np.float32 and cos.shape == (16, 16)
@@ -439,3 +445,21 @@ def test_stage_rejects_inconsistent_extract_outputs(tmp_path):
     with pytest.raises(ValueError, match="task 'task_04' has n_calib=0"):
         S.run(cfg, tmp_path)
     assert not (tmp_path / "split" / "partition.json").exists()
+
+
+def test_literal_agreement_sees_the_shared_component_the_centred_pca_removes():
+    """Tasks share one strong common direction; their two families differ weakly on top of it, and the
+    tasks' loadings on the shared direction vary. Uncentred, the first principal axis is the shared component
+    (cut by loading); centred, it is the family axis: the agreement says so, and is 1 against itself."""
+    rng = np.random.default_rng(0)
+    d, t = 400, 16
+    shared, family_axis = rng.normal(size=d), rng.normal(size=d)
+    loading = rng.uniform(2.0, 6.0, size=t)
+    family = np.repeat([1.0, -1.0], t // 2)
+    g = loading[:, None] * shared + 1.0 * family[:, None] * family_axis + 0.3 * rng.normal(size=(t, d))
+    cos, tokens = S.cosine_matrix(g), np.ones(t)
+    centred = S.merit_groups(cos, tokens, 1, center=True)
+    assert {frozenset(x) for x in centred} == {frozenset(range(8)), frozenset(range(8, 16))}
+    assert S.literal_agreement(cos, tokens, centred)["ari_top_level"] < 0.5
+    literal = S.merit_groups(cos, tokens, 1, center=False)
+    assert S.literal_agreement(cos, tokens, literal)["ari_top_level"] == 1.0

@@ -5,6 +5,7 @@ config errors raised before any compute."""
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -324,3 +325,17 @@ def test_distributed_start_up_is_read_from_the_environment():
 def test_batch_in_tokens():
     cfg = make_config(**{"train.batch_tokens": 1024})
     assert train.TrainSettings.from_cfg(cfg).batch_size == 1024 // 64
+
+
+def test_damaged_training_state_is_named_on_resume(stage_run, tmp_path):
+    """A resumed run whose Orbax state lost a data file stops with the checkpoint's path, not a traceback."""
+    from merit_jax.errors import InputFileError
+
+    workdir = tmp_path / "wd"
+    shutil.copytree(stage_run["workdir"] / "basin_run", workdir / "basin_run")
+    step_dir = max((workdir / "basin_run" / "ckpt").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    data_files = sorted((step_dir / "state").rglob("d/*"), key=lambda p: -p.stat().st_size)
+    data_files[0].unlink()
+    with pytest.raises(InputFileError, match=rf"{step_dir}: cannot read this training checkpoint"):
+        basin.run(stage_run["cfg"], workdir)
+    assert not (workdir / "basin").exists()

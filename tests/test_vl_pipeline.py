@@ -1,7 +1,8 @@
-"""MERIT on a vision-language model: `python -m merit_jax.main --config configs/tiny_vl.py`, shrunk.
+"""MERIT on a vision-language model: `python -m merit_jax.main --config configs/tiny_vl.py`, shrunk, on a
+Vision-FLAN-format release written by the test (annotation JSON in the public schema, an image folder of
+JPEGs of several sizes and aspect ratios, 3 tasks, duplicate ids: tests/vl_fixtures.py).
 
-One run (module fixture) of every stage on the tiny Qwen2.5-VL and the synthetic image-task mixture; then
-its pieces are checked: per-row image batches equal the flat form, per-example gradients with images equal
+One run (module fixture) of every stage on the tiny Qwen2.5-VL and that release; then its pieces are checked: per-row image batches equal the flat form, per-example gradients with images equal
 single-example gradients, the language-only extraction, the frozen vision tower, and the export in
 transformers.
 """
@@ -31,10 +32,11 @@ from merit_jax.models.inputs import batch_logits
 from merit_jax.models.io import load_model
 from merit_jax.models.qwen2_5_vl import generate_vl
 from merit_jax.train import frozen_names
+from tests.vl_fixtures import RELEASE_TASKS, write_vision_flan_release
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
-    "--config.data.synthetic.examples_per_task=24", "--config.basin.steps=6", "--config.extract.n_calib=6",
+    "--config.basin.steps=6", "--config.extract.n_calib=6",
     "--config.extract.dim=256", "--config.extract.micro_chunk=4", "--config.train.batch_size=4",
     "--config.evaluate.baselines=()", "--config.evaluate.lmc_points=3", "--config.evaluate.noise_draws=1",
     "--config.evaluate.noise_sigmas=(0.05,)", "--config.evaluate.max_new_tokens=3",
@@ -43,8 +45,11 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def vl_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("vl_pipeline") / "wd"
-    cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/tiny_vl.py", "--workdir", str(workdir), *SMALL]
+    tmp = tmp_path_factory.mktemp("vl_pipeline")
+    annotation, image_root = write_vision_flan_release(tmp / "vision_flan", per_task=16)
+    workdir = tmp / "wd"
+    cmd = [sys.executable, "-m", "merit_jax.main", "--config", "configs/tiny_vl.py", "--workdir", str(workdir), *SMALL,
+           f"--config.data.path={annotation}", f"--config.data.image_root={image_root}"]
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
@@ -60,14 +65,14 @@ def test_every_stage_runs_on_the_tiny_vl_model(vl_run):
                 "evaluate/results.json", "report/report.md"):
         assert (workdir / rel).exists(), rel
     tasks = json.loads((workdir / "extract/tasks.json").read_text())
-    assert sorted(t["name"] for t in tasks["tasks"]) == sorted(V.SYNTHETIC_VL_TASKS)
+    assert sorted(t["name"] for t in tasks["tasks"]) == sorted(RELEASE_TASKS)
     names = tasks["params"]["names"]  # the language model only (extract.exclude has ^visual/)
     assert names and not any(n.startswith("visual/") for n in names)
     groups = json.loads((workdir / "split/partition.json").read_text())["groups"]
-    assert sorted(t for g in groups for t in g) == sorted(V.SYNTHETIC_VL_TASKS) and len(groups) == 2
+    assert sorted(t for g in groups for t in g) == sorted(RELEASE_TASKS) and len(groups) == 2
     results = json.loads((workdir / "evaluate/results.json").read_text())
     assert {"theta0", "merit", "branch0", "branch1"} <= set(results["models"])
-    assert set(results["models"]["merit"]["accuracy"]) == set(V.SYNTHETIC_VL_TASKS)  # generate_vl answered
+    assert set(results["models"]["merit"]["accuracy"]) == set(RELEASE_TASKS)  # generate_vl answered
 
 
 def test_branches_train_the_language_model_and_keep_the_frozen_vision_tower(vl_run):
@@ -135,6 +140,34 @@ def test_per_example_gradients_with_images_equal_single_example_gradients(calib)
         want = P.flatten(jax.grad(loss)(params))
         for n in names:
             np.testing.assert_allclose(np.asarray(grads[n][i]), np.asarray(want[n]), atol=1e-6, rtol=1e-4)
+
+
+def test_generation_compiles_once_for_held_out_batches_of_different_images(vl_run, calib):
+    """evaluate's exact match: one layout size fitted on every generation batch, so generate_vl compiles once;
+    its answers equal generate_vl's on each batch's own unpadded images."""
+    from merit_jax.evaluate import Evaluator
+    from merit_jax.models.qwen2_5_vl import _generate_vl
+
+    workdir, cfg = vl_run
+    model, _, _ = calib
+    tokenizer = load_tokenizer(cfg)
+    ev = Evaluator(model, load_mixture(cfg, tokenizer, None), tokenizer, max_len=cfg.data.max_len, batch=1,
+                   max_new_tokens=3, make_images=V.row_images_for(cfg, model))
+    assert len({ex.image_grid_thw.tobytes() for _, ex in ev.heldout}) >= 2  # batches of different image sizes
+    before = _generate_vl._cache_size()
+    calls, generate = [], ev._generate
+
+    def recording(ids, mask, examples):
+        calls.append((ids, mask, examples, generate(ids, mask, examples)))
+        return calls[-1][-1]
+
+    ev._generate = recording
+    ev.accuracy(P.flatten(model))
+    assert len(calls) == len(ev.heldout) and _generate_vl._cache_size() - before == 1
+    ids, mask, exs, got = calls[-1]
+    pv, grid = V.load_pixels(exs, ev._gen_images[0].processor)
+    want = generate_vl(model, ids, mask, pv, grid, max_new_tokens=3, eos_id=ev.eos_id, pad_id=ev.pad_id)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_the_vl_export_loads_in_transformers_and_decodes_like_the_merged_model(vl_run, calib):

@@ -85,3 +85,46 @@ def random_vl_model(hf_cfg: dict, seed: int = 0, std: float = 0.02):
         return var.replace(jnp.asarray(value, var.dtype))
 
     return nnx.merge(graphdef, nnx.map_state(draw, abs_state))
+
+
+# (height, width) of the JPEGs of `write_vision_flan_release` (the issue's 64x64, 96x64, 64x112, 140x84,
+# 56x168 as width x height): square, wide, tall, very tall; 64 and 112 are no multiples of 28 (the
+# processor's smart_resize rounds them). Two tasks hold square and tall images only, so a branch without
+# `image_shape` sees none of the wide ones.
+RELEASE_SIZES = ((64, 64), (64, 96), (112, 64), (84, 140), (168, 56))
+RELEASE_TASKS = {  # task -> (question, sizes of its images, cycled)
+    "VQA_color": ("What color is the image?", ((168, 56), (64, 64), (112, 64))),
+    "count_objects": ("How many objects are in the image?", ((112, 64), (168, 56), (64, 64))),
+    "image_shape": ("Is the image wide or tall?", RELEASE_SIZES),
+}
+
+
+def write_vision_flan_release(out, per_task: int = 10, seed: int = 0):
+    """A small Vision-FLAN-format release in OUT: `annotation_191-task_1k.json` (the public schema: id,
+    task_name, image relative to the image folder, conversations; ids repeat across tasks, as in the
+    release) and `images_191task_1k/<task>/` with JPEGs of RELEASE_SIZES. Returns (annotation, image root)."""
+    import json
+    import pathlib
+
+    from PIL import Image
+
+    out = pathlib.Path(out)
+    root = out / "images_191task_1k"
+    rng = np.random.default_rng(seed)
+    colors = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    records = []
+    for task, (question, sizes) in RELEASE_TASKS.items():
+        (root / task).mkdir(parents=True, exist_ok=True)
+        for i in range(per_task):
+            h, w = sizes[i % len(sizes)]
+            color = list(colors)[int(rng.integers(len(colors)))]
+            pixels = np.clip(np.array(colors[color]) + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+            rel = f"{task}/{i:03d}.jpg"
+            Image.fromarray(pixels).save(root / rel, quality=90)
+            answer = {"VQA_color": color, "count_objects": str(1 + i % 3),
+                      "image_shape": "wide" if w > h else "tall" if h > w else "square"}[task]
+            records.append({"id": str(i), "task_name": task, "image": rel, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    annotation = out / "annotation_191-task_1k.json"
+    annotation.write_text(json.dumps(records))
+    return annotation, root

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from merit_jax import checkpoint
+from merit_jax.errors import InputFileError, reading
 from merit_jax import workdir as wd
 from merit_jax.models import params as P
 from merit_jax.models.config import ModelConfig
@@ -67,27 +68,33 @@ class HFTensors:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         index = self.path / INDEX_FILE
+        self._handles: dict[str, Any] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            data = wd.read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise InputFileError(f"{index}: no weight_map {{tensor name: shard file}}")
+            for fname in dict.fromkeys(weight_map.values()):  # every shard there and readable, before any work
+                if not (self.path / fname).is_file():
+                    tensor = next(k for k, v in weight_map.items() if v == fname)
+                    raise InputFileError(f"{self.path / fname}: missing (listed in {INDEX_FILE} for tensor "
+                                         f"{tensor!r})")
+                self._open(fname)
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"{path}: no *.safetensors files (and no {INDEX_FILE})")
-            weight_map = {}
-            for f in files:
-                with safe_open(f, "np") as h:
-                    weight_map.update({k: f.name for k in h.keys()})
+            weight_map = {k: f.name for f in files for k in self._open(f.name).keys()}
         self.file_of = weight_map
-        self._handles: dict[str, Any] = {}
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            with reading(self.path / fname, "safetensors file"):
+                self._handles[fname] = safe_open(self.path / fname, "np")
+        return self._handles[fname]
 
     def _handle(self, key: str):
-        fname = self.file_of[key]
-        if fname not in self._handles:
-            f = self.path / fname
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: listed in {INDEX_FILE} for tensor {key!r} but missing")
-            self._handles[fname] = safe_open(f, "np")
-        return self._handles[fname]
+        return self._open(self.file_of[key])
 
     def names(self) -> list[str]:
         return sorted(self.file_of)
@@ -98,8 +105,9 @@ class HFTensors:
     def get(self, key: str, index: tuple | None = None) -> np.ndarray:
         if key not in self.file_of:
             raise KeyError(f"{self.path}: tensor {key!r} is missing")
-        sl = self._handle(key).get_slice(key)
-        return sl[index] if index is not None else sl[:]
+        with reading(self.path / self.file_of[key], "safetensors file", f" (tensor {key!r})"):
+            sl = self._handle(key).get_slice(key)
+            return sl[index] if index is not None else sl[:]
 
 
 def load_hf_params_fetch(tensors: HFTensors):
@@ -162,7 +170,7 @@ def to_host(x) -> np.ndarray:
 
 def hf_tensors(flat: dict[str, Any], dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy array) per parameter, gathered to this host one tensor at a time."""
-    for name in sorted(flat):
+    for name in P.canonical(flat):  # layers in numeric order, so each shard holds consecutive layers
         key, transpose = hf_key(name)
         x = to_host(flat[name])
         yield key, np.ascontiguousarray((x.T if transpose else x).astype(dtype))

@@ -17,8 +17,9 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from merit_jax.data import sources as src
+import merit_jax.data.sources as src
 from merit_jax.data.records import DataError
+from merit_jax.errors import reading
 from merit_jax.data.tokenize import ChatEncoder, Example, truncate
 from merit_jax.data.vision import ImageEncoding, is_vl_run
 
@@ -35,6 +36,8 @@ class TaskData:
     calib: list[Example]  # drawn from train
     train_tokens: int  # supervised tokens of the train split, after truncation
     family: str | None = None
+    # drawn from train, disjoint from calib: the calibration-stability curve's reference (extract.stability_reference)
+    reference: list[Example] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,7 +62,9 @@ def load_tokenizer(cfg):
     """AutoTokenizer from cfg.data.tokenizer, else cfg.model.hf_path, else the synthetic mixture's."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(src.tokenizer_dir(cfg))
+    path = src.tokenizer_dir(cfg)
+    with reading(path, "tokenizer directory"):
+        return AutoTokenizer.from_pretrained(path)
 
 
 def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
@@ -124,11 +129,13 @@ def _split_task(name, indexed, n_records, cfg, family):
     heldout = [ex for i, ex in indexed if i in held]
     if not train:
         raise DataError(f"task '{name}': no training example left after the held-out split and truncation")
-    n_calib = int(cfg.get("extract", {}).get("n_calib", 200))
-    pick = np.random.default_rng([seed, task_key, 1]).permutation(len(train))[:n_calib]
-    calib = [train[i] for i in sorted(pick.tolist())]
+    extract = cfg.get("extract", {})
+    n_calib, n_reference = int(extract.get("n_calib", 200)), int(extract.get("stability_reference", 0))
+    order = np.random.default_rng([seed, task_key, 1]).permutation(len(train))
+    calib = [train[i] for i in sorted(order[:n_calib].tolist())]  # the same whatever stability_reference is
+    reference = [train[i] for i in sorted(order[n_calib:n_calib + n_reference].tolist())]
     tokens = sum(ex.supervised_tokens for ex in train)
-    return TaskData(name, train, heldout, calib, tokens, family)
+    return TaskData(name, train, heldout, calib, tokens, family, reference)
 
 
 def _log_stats(stats, max_len, mode):

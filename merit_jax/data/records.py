@@ -11,6 +11,8 @@ import logging
 import pathlib
 from collections.abc import Iterator
 
+from merit_jax.errors import InputFileError, reading, utf8_line, utf8_text
+
 log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -18,7 +20,7 @@ METADATA_FILES = ("families.json",)  # files in a mixture directory that are not
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(InputFileError):
     """Bad input data; the message names the file, the line or row, and what is wrong."""
 
 
@@ -44,8 +46,9 @@ def iter_raw(path) -> Iterator[tuple[dict, str]]:
     if is_saved_dataset(path):
         yield from _iter_saved_dataset(path)
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw_line in enumerate(f, 1):
+                line = utf8_line(raw_line, path, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -55,7 +58,7 @@ def iter_raw(path) -> Iterator[tuple[dict, str]]:
                 yield raw, f"{path}:{lineno}"
     elif path.suffix == ".json":
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            items = json.loads(utf8_text(path.read_bytes(), path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(items, list):
@@ -66,8 +69,15 @@ def iter_raw(path) -> Iterator[tuple[dict, str]]:
         import pyarrow.parquet as pq
 
         row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for raw in batch.to_pylist():
+        with reading(path, "Parquet file"):
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        while True:
+            with reading(path, "Parquet file", f" row {row}"):
+                batch = next(batches, None)
+                rows = batch.to_pylist() if batch is not None else None
+            if rows is None:
+                break
+            for raw in rows:
                 yield raw, f"{path} row {row}"
                 row += 1
     else:
@@ -77,12 +87,15 @@ def iter_raw(path) -> Iterator[tuple[dict, str]]:
 def _iter_saved_dataset(path):
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    with reading(path, "datasets.save_to_disk directory"):
+        ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: DatasetDict without a 'train' split (splits: {sorted(ds)})")
         ds = ds["train"]
-    for row, raw in enumerate(ds):
+    for row in range(len(ds)):
+        with reading(path, "datasets.save_to_disk directory", f" row {row}"):
+            raw = ds[row]
         yield raw, f"{path} row {row}"
 
 

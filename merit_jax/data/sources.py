@@ -14,8 +14,9 @@ import pathlib
 import tempfile
 from collections.abc import Iterator
 
-from merit_jax.data import records as rec
-from merit_jax.data import synthetic
+import merit_jax.data.records as rec
+import merit_jax.data.synthetic as synthetic
+import merit_jax.data.synthetic_vl as synthetic_vl
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,10 @@ def synthetic_dir(cfg, workdir=None) -> pathlib.Path:
     syn = cfg.data.get("synthetic", {})
     seed, n = syn.get("seed", 0), syn.get("examples_per_task", 240)
     if syn.get("kind", "text") == "vl":  # the image-task mixture of configs/tiny_vl.py
-        from merit_jax.data import vision
-
         base = pathlib.Path(workdir) / "data" if workdir is not None else pathlib.Path(tempfile.mkdtemp())
-        out = base / f"synthetic-vl-v{vision.SYNTHETIC_VL_VERSION}-s{seed}-n{n}"
+        out = base / f"synthetic-vl-v{synthetic_vl.SYNTHETIC_VL_VERSION}-s{seed}-n{n}"
         if not (out / "families.json").exists():  # written last
-            vision.write_synthetic_vl_mixture(out, seed=seed, examples_per_task=n)
+            synthetic_vl.write_synthetic_vl_mixture(out, seed=seed, examples_per_task=n)
         return out
     if workdir is None:
         return synthetic.write_mixture(tempfile.mkdtemp(prefix="merit_synthetic_"), seed, n)
@@ -52,8 +51,7 @@ def tokenizer_dir(cfg) -> str:
     if given:
         return given
     if cfg.data.get("synthetic", {}).get("kind", "text") == "vl":
-        from merit_jax.data.vision import VL_TOKENIZER_DIR
-        return str(VL_TOKENIZER_DIR)
+        return str(synthetic_vl.VL_TOKENIZER_DIR)
     return str(synthetic.TOKENIZER_DIR)
 
 

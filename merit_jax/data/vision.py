@@ -25,15 +25,18 @@ import dataclasses
 import json
 import logging
 import pathlib
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from merit_jax.data.records import DataError, Record
+from merit_jax.errors import reading
+from merit_jax.data.synthetic_vl import (SYNTHETIC_VL_TASKS, SYNTHETIC_VL_VERSION, VL_TOKENIZER_DIR,  # noqa: F401
+                                        write_synthetic_vl_mixture)
 from merit_jax.data.tokenize import Example, truncate
 
 log = logging.getLogger(__name__)
-SYNTHETIC_VL_VERSION = 1  # bump whenever write_synthetic_vl_mixture changes its output (names the cached copy)
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 IMAGE_TOKEN = "<|image_pad|>"
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # data.max_image_pixels: larger files are refused before decoding
@@ -95,7 +98,8 @@ def image_processor(model_dir=None, *, min_pixels: int | None = None, max_pixels
 
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
     if model_dir and (pathlib.Path(model_dir) / "preprocessor_config.json").is_file():
-        return Qwen2VLImageProcessorPil.from_pretrained(str(model_dir), **overrides)
+        with reading(pathlib.Path(model_dir) / "preprocessor_config.json", "image processor config"):
+            return Qwen2VLImageProcessorPil.from_pretrained(str(model_dir), **overrides)
     return Qwen2VLImageProcessorPil(**overrides)
 
 
@@ -157,12 +161,19 @@ class VLExample(Example):
         return [self.image] if self.image else []
 
 
+def _grid_of(processor, path, where: str, max_image_pixels: int) -> tuple[int, int, int]:
+    h, w = image_size(path, where, max_image_pixels)
+    try:
+        return image_grid(processor, h, w)
+    except ValueError as e:  # smart_resize refuses aspect ratios over 200 (a 1-pixel strip, say)
+        raise ImageError(f"{where}: image {path} ({w}x{h}) cannot be resized for the model: {e}") from None
+
+
 def to_vl_example(example: Example, where: str, processor, *, image_token_id: int,
                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> VLExample:
     """Reads the image's header (size, validity), computes its grid and expands its tokens."""
     images = [example.image] if example.image else []
-    grids = np.array([image_grid(processor, *image_size(p, where, max_image_pixels)) for p in images],
-                     np.int32).reshape(-1, 3)
+    grids = np.array([_grid_of(processor, p, where, max_image_pixels) for p in images], np.int32).reshape(-1, 3)
     ids, mask = expand_image_tokens(example.input_ids, example.loss_mask, grids, image_token_id,
                                     processor.merge_size, where)
     slots = np.flatnonzero(example.input_ids == image_token_id)
@@ -248,6 +259,11 @@ class RowImages:
 
         images = RowImages(examples, processor, vl_config).fit(rows)
         batch = images.add(TokenTable(examples).rows(some_rows, seq_len), some_rows)
+
+    The sizes cover the fitted rows and padding rows (`layout_sizes`). A batch with a row that was not fitted
+    and does not fit grows them (`grown_sizes`: a new shape, so one more compilation, logged) in a single
+    process; with several processes that is an error, since every process must agree on the shapes: there,
+    fit every row first (the stages do).
     """
 
     def __init__(self, examples: Sequence[Example], processor, vl_config,
@@ -255,16 +271,44 @@ class RowImages:
         self.examples, self.processor, self.vl = examples, processor, vl_config
         self.max_image_pixels = max_image_pixels
         self.sizes = None
+        self._lock = threading.Lock()  # batches are built by several loader threads
 
     def grids(self, row: Sequence[int]) -> np.ndarray:
         got = [getattr(self.examples[i], "image_grid_thw", None) for i in row]
         return np.concatenate([g for g in got if g is not None] + [np.zeros((0, 3), np.int32)]).astype(np.int32)
 
     def fit(self, rows: Sequence[Sequence[int]]) -> "RowImages":
+        """Fixes the array sizes to cover `rows` (and padding rows); returns self."""
         from merit_jax.models.vision_layout import layout_sizes
 
-        self.sizes = layout_sizes([self.grids(r) for r in rows] or [[]], self.vl.vision)
+        self.sizes = layout_sizes([self.grids(r) for r in rows], self.vl.vision)
         return self
+
+    def _cover(self, rows: list[list[int]]):
+        """The sizes to build these rows with: the fitted ones, grown when a row does not fit them (see the
+        class docstring)."""
+        import jax
+
+        from merit_jax.models.vision_layout import fits, grown_sizes
+
+        sizes = self.sizes
+        misfits = [r for r in rows if not fits(self.grids(r), sizes, self.vl.vision)]
+        if not misfits:
+            return sizes
+        where = [self.examples[i].where for i in misfits[0]]
+        if jax.process_count() > 1:
+            raise ValueError(f"row of {where}: its images {self.grids(misfits[0]).tolist()} do not fit the vision "
+                             f"layout sizes {self.sizes} fitted for this run; with several processes every row "
+                             "must be fitted up front (RowImages.fit) so that all processes agree on the shapes")
+        with self._lock:  # another thread may have grown them meanwhile
+            old = self.sizes
+            misfits = [r for r in misfits if not fits(self.grids(r), old, self.vl.vision)]
+            if not misfits:
+                return old
+            self.sizes = sizes = grown_sizes(old, [self.grids(r) for r in misfits], self.vl.vision)
+        log.warning("vision layout sizes grown from %s to %s for the row of %s (not fitted up front): one more "
+                    "compilation", tuple(old), tuple(sizes), where)
+        return sizes
 
     def add(self, batch: dict, rows: Sequence[Sequence[int]]) -> dict:
         """`batch` (the text keys of these rows; more rows than `rows` are padding rows) plus the vision keys."""
@@ -272,20 +316,18 @@ class RowImages:
 
         from merit_jax.models.inputs import layout_keys
         from merit_jax.models.mrope import mrope_positions
-        from merit_jax.models.vision_layout import stacked_layouts
+        from merit_jax.models.vision_layout import next_pow2, stacked_layouts
 
         if self.sizes is None:
             raise RuntimeError("RowImages.fit(rows) first: it fixes the array sizes of the run")
         n_rows = len(batch["input_ids"])
         rows = [list(r) for r in rows] + [[]] * (n_rows - len(rows))
+        sizes = self._cover(rows)
         grids = [self.grids(r) for r in rows]
-        pixels = np.zeros((n_rows, self.sizes.num_patches, self.vl.vision.patch_dim), np.float32)
+        pixels = np.zeros((n_rows, sizes.num_patches, self.vl.vision.patch_dim), np.float32)
         for j, r in enumerate(rows):
             if len(grids[j]):
                 pv, _ = load_pixels([self.examples[i] for i in r], self.processor, self.max_image_pixels)
-                if len(pv) > self.sizes.num_patches:
-                    raise ValueError(f"row of {[self.examples[i].where for i in r]}: {len(pv)} patches exceed the "
-                                     f"{self.sizes.num_patches} fitted (fit every row the run will see)")
                 pixels[j, :len(pv)] = pv
         tokens = ((np.asarray(batch["input_ids"]) == self.vl.image_token_id) & (np.asarray(batch["segment_ids"]) > 0))
         for j, r in enumerate(rows):  # each image token must pick a feature of its own row
@@ -294,12 +336,14 @@ class RowImages:
                 raise ImageError(f"{[self.examples[i].where for i in r]}: the row holds {int(tokens[j].sum())} image "
                                  f"tokens, its images {grids[j].tolist()} need {want}")
         every = np.concatenate(grids)
+        # zero grid rows (they own no token) up to a power of two: the eager host ops compile per image count
+        every = np.pad(every, ((0, next_pow2(len(every)) - len(every)), (0, 0))) if len(every) else every
         with jax.default_device(jax.devices("cpu")[0]):  # host-side data work: never on the accelerator
             positions, _ = mrope_positions(batch["input_ids"], every if len(every) else None,
                                            image_token_id=self.vl.image_token_id,
                                            spatial_merge_size=self.vl.vision.spatial_merge_size,
                                            segment_ids_bt=batch["segment_ids"])
-        layout = stacked_layouts(grids, self.vl.vision, self.sizes)
+        layout = stacked_layouts(grids, self.vl.vision, sizes)
         return {**batch, "pixel_values": pixels, "mrope_positions": np.asarray(positions).transpose(1, 0, 2),
                 **layout_keys(layout)}
 
@@ -307,13 +351,12 @@ class RowImages:
 # ------------------------------------------------------------------------- tokenizer and synthetic mixture
 
 
-VL_TOKENIZER_DIR = pathlib.Path(__file__).parent / "assets" / "synthetic_vl_tokenizer"
 
 
 def build_vl_tokenizer(out_dir=VL_TOKENIZER_DIR) -> pathlib.Path:
     """Regenerates the shipped tokenizer of the synthetic VL mixture (configs/tiny_vl.py): the synthetic
     tokenizer plus the vision tokens, and a default Qwen2-VL preprocessor_config.json."""
-    from merit_jax.data import synthetic
+    import merit_jax.data.synthetic as synthetic
 
     add_vision_tokens(synthetic.TOKENIZER_DIR, out_dir)
     image_processor().save_pretrained(str(out_dir))
@@ -388,65 +431,3 @@ def add_vision_tokens(tokenizer_dir, out_dir) -> pathlib.Path:
     tok.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
     tok.save_pretrained(str(out_dir))
     return pathlib.Path(out_dir)
-
-
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-# task -> (family, question); the answer is computed from the drawn image
-SYNTHETIC_VL_TASKS = {
-    "color": ("appearance", "What color is the image?"),
-    "brighter_side": ("appearance", "Which side is brighter, left or right?"),
-    "count_squares": ("layout", "How many white squares are there?"),
-    "shape": ("layout", "Is the image wide or tall?"),
-}
-
-
-def _draw(task: str, rng: np.random.Generator, min_side: int, max_side: int):
-    from PIL import Image, ImageDraw
-
-    h, w = (int(x) for x in rng.integers(min_side, max_side + 1, size=2))
-    if task == "shape" and h == w:
-        w += 14
-    noise = rng.integers(0, 30, size=(h, w, 3))
-    if task == "color":
-        answer = str(rng.choice(list(COLORS)))
-        pixels = np.clip(np.array(COLORS[answer]) + noise - 15, 0, 255)
-    elif task == "brighter_side":
-        answer = str(rng.choice(["left", "right"]))
-        pixels = noise + 40
-        half = slice(0, w // 2) if answer == "left" else slice(w // 2, w)
-        pixels[:, half] += 160
-    elif task == "count_squares":
-        n = int(rng.integers(1, 4))
-        answer, pixels = str(n), noise
-        image = Image.fromarray(pixels.astype(np.uint8))
-        draw = ImageDraw.Draw(image)
-        side = max(4, min(h, w) // 5)
-        for i in range(n):  # squares on a diagonal band, apart from each other
-            x0 = int(i * (w - side) / max(n - 1, 1)) if n > 1 else (w - side) // 2
-            y0 = int(rng.integers(0, h - side + 1))
-            draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=(255, 255, 255))
-        return image, answer
-    else:  # shape
-        answer = "wide" if w > h else "tall"
-        pixels = noise + 100
-    return Image.fromarray(pixels.astype(np.uint8)), answer
-
-
-def write_synthetic_vl_mixture(out_dir, seed: int = 0, examples_per_task: int = 24, min_side: int = 28,
-                               max_side: int = 84) -> pathlib.Path:
-    """Writes OUT/annotation.json (Vision-FLAN records: id, task_name, image, conversations), the PNGs under
-    OUT/images/ and OUT/families.json; images resolve against OUT (data.image_root). Deterministic."""
-    out = pathlib.Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    records = []
-    for task, (_, question) in SYNTHETIC_VL_TASKS.items():
-        for i in range(examples_per_task):
-            image, answer = _draw(task, rng, min_side, max_side)
-            rel = f"images/{task}_{i:04d}.png"
-            image.save(out / rel)
-            records.append({"id": f"{task}_{i}", "task_name": task, "image": rel, "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
-    (out / "annotation.json").write_text(json.dumps(records, indent=0) + "\n")
-    (out / "families.json").write_text(json.dumps({t: f for t, (f, _) in SYNTHETIC_VL_TASKS.items()}, indent=1))
-    return out

@@ -7,8 +7,8 @@ that every array leads with the row axis and shards over the data axes like the 
     mrope_positions   int32   [rows, 3, S]          multimodal RoPE positions (temporal, height, width)
     vision/...        the row's VisionLayout (merit_jax.models.qwen2_5_vl), fields flattened to keys
 
-P and the layout sizes are fixed for a whole run (merit_jax.data.vision.RowImages), so one compilation
-serves it.
+P and the layout sizes are fitted once per stage on every row it will feed, padding rows included
+(merit_jax.data.vision.RowImages, docs/VL.md "Image sizes"), so one compilation serves the stage.
 """
 
 from __future__ import annotations

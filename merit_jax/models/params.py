@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from merit_jax.models.names import canonical, name_key  # noqa: F401  (re-exported)
 from merit_jax.sharding import named_sharding
 
 
@@ -19,7 +20,8 @@ def path_name(path) -> str:
 
 def _flat_vars(node) -> dict[str, nnx.Variable]:
     state = node if isinstance(node, nnx.State) else nnx.state(node, nnx.Param)
-    return {path_name(p): v for p, v in nnx.to_flat_state(state)}
+    flat = {path_name(p): v for p, v in nnx.to_flat_state(state)}
+    return {k: flat[k] for k in canonical(flat)}  # the same order for a module and for jax-made states
 
 
 def flatten(node) -> dict[str, jax.Array]:

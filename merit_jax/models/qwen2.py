@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from merit_jax.models import attention
 from merit_jax.models.config import ModelConfig
 from merit_jax.sharding import constrain
 
@@ -86,10 +87,11 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=True, policy=policy, rngs=rngs)
         self.o_proj = Linear(n * h, d, ("heads", "embed"), bias=False, policy=policy, rngs=rngs)
         self.n, self.k, self.h = n, k, h
-        self.implementation = None if policy.attention == "xla" else policy.attention
+        self.implementation = policy.attention if policy.attention == "cudnn" else None
 
     def __call__(self, x_btd: Array, cos_bth: Array, sin_bth: Array, mask_b1ts: Array,
                  cache: dict | None = None) -> tuple[Array, dict | None]:
+        """`mask_b1ts`: bool [B, 1, T, S], or (model.attention = "splash") the rows' segment ids [B, T]."""
         b, t, _ = x_btd.shape
         q_btnh = apply_rope(self.q_proj(x_btd).reshape(b, t, self.n, self.h), cos_bth, sin_bth)
         k_btkh = apply_rope(self.k_proj(x_btd).reshape(b, t, self.k, self.h), cos_bth, sin_bth)
@@ -100,8 +102,13 @@ class Attention(nnx.Module):
             k_btkh = jax.lax.dynamic_update_slice(cache["k"], k_btkh.astype(cache["k"].dtype), (0, idx, 0, 0))
             v_btkh = jax.lax.dynamic_update_slice(cache["v"], v_btkh.astype(cache["v"].dtype), (0, idx, 0, 0))
             cache = {"k": k_btkh, "v": v_btkh, "index": idx}
-        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh.astype(q_btnh.dtype), v_btkh.astype(q_btnh.dtype),
-                                                mask=mask_b1ts, implementation=self.implementation)
+        k_btkh, v_btkh = k_btkh.astype(q_btnh.dtype), v_btkh.astype(q_btnh.dtype)
+        if mask_b1ts.ndim == 2 and attention.supported(t):  # segment ids: no [T, S] scores or mask
+            out_btnh = attention.splash_attention(q_btnh, k_btkh, v_btkh, mask_b1ts)
+        else:
+            mask = attention.dense_mask(mask_b1ts) if mask_b1ts.ndim == 2 else mask_b1ts
+            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask,
+                                                    implementation=self.implementation)
         return self.o_proj(out_btnh.reshape(b, t, self.n * self.h)), cache
 
 
@@ -219,6 +226,9 @@ class Qwen2ForCausalLM(nnx.Module):
         """The final hidden states h [B, T, D] (what `logits` maps to the vocabulary): losses over a large
         vocabulary compute the logits from them a chunk at a time (merit_jax.losses.chunked_token_ce)."""
         positions, mask = self.prepare(input_ids, positions, segment_ids, attention_mask)
+        if self.policy.attention == "splash":  # the kernel takes segment ids (0: padding), never a [T, S] mask
+            mask = segment_ids if segment_ids is not None else (
+                attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, jnp.int32))
         h_btd, _ = self.model(input_ids, positions, mask)
         return h_btd
 

@@ -238,7 +238,7 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(d, 3 * d, ("embed", "heads"), bias=True, policy=policy, rngs=rngs)
         self.proj = Linear(d, d, ("heads", "embed"), bias=True, policy=policy, rngs=rngs)
         self.n, self.h = cfg.num_heads, cfg.head_dim
-        self.implementation = None if policy.attention == "xla" else policy.attention
+        self.implementation = policy.attention if policy.attention == "cudnn" else None  # splash: text only
 
     def __call__(self, x_pd: Array, cos_ph: Array, sin_ph: Array, seg: SegmentGather) -> Array:
         p = x_pd.shape[0]
@@ -540,22 +540,28 @@ def _generate_vl(graphdef, state, input_ids_bt, mask_bt, pixel_values, image_gri
 
 def generate_vl(model: Qwen2_5_VLForConditionalGeneration, input_ids, attention_mask=None, pixel_values=None,
                 image_grid_thw=None, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                eos_id: int = -1, pad_id: int = 0, seed: int = 0, bucket: bool = False) -> np.ndarray:
+                eos_id: int = -1, pad_id: int = 0, seed: int = 0, bucket: bool = False,
+                vision_layout: VisionLayout | None = None) -> np.ndarray:
     """New tokens [B, max_new_tokens] after left-padded image prompts (greedy when temperature == 0).
 
     The prompt is prefilled with image features and M-RoPE positions; each new token then sits at the
     row's largest position + 1 + its index on all three axes (transformers' rope_deltas rule).
     bucket: pad the images' arrays to powers of two (zero patches, zero grid rows), so that calls with other
     images reuse a few compilations (evaluation loops).
+    vision_layout: the images' layout computed on the host with fixed `sizes` (vision_layout.vision_layout;
+    `pixel_values` is padded to its patches; pad `image_grid_thw` with zero rows yourself): one compilation
+    for every batch of an evaluation (merit_jax.evaluate fits the sizes on all its generation batches).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     layout = None
     if pixel_values is not None:
         image_grid_thw = np.asarray(image_grid_thw).reshape(-1, 3)
-        layout = jax.tree.map(jnp.asarray, vision_layout_for(model, image_grid_thw, bucket=bucket))
-        if bucket:
+        layout = vision_layout if vision_layout is not None else vision_layout_for(model, image_grid_thw, bucket)
+        layout = jax.tree.map(jnp.asarray, layout)
+        if bucket or vision_layout is not None:
             pixel_values = np.pad(pixel_values, ((0, layout.num_patches - len(pixel_values)), (0, 0)))
+        if bucket:
             image_grid_thw = np.pad(image_grid_thw, ((0, next_pow2(len(image_grid_thw)) - len(image_grid_thw)), (0, 0)))
         pixel_values, image_grid_thw = jnp.asarray(pixel_values), jnp.asarray(image_grid_thw, jnp.int32)
         model.check_image_tokens(input_ids, image_grid_thw, mask)

@@ -117,19 +117,55 @@ def _grid_stats(grid: np.ndarray, vcfg: VisionConfig) -> tuple[int, list[int], i
     return int((t * h * w).sum()), frames, int(windows.sum())
 
 
+def _segment_counts(stats: tuple[int, list[int], int], n_total: int, full_len: int,
+                    vcfg: VisionConfig) -> tuple[int, int]:
+    """(full-attention, window) segments a row with these stats takes at these sizes, as vision_layout lays
+    them out: its frames packed into segments of full_len (its windows one per segment), then its padding
+    patches (n_total - its own) in segments of their own."""
+    n, frames, windows = stats
+    win_len = vcfg.window_units ** 2 * vcfg.merge_unit
+    return (len(_pack(frames, full_len)) + -(-(n_total - n) // full_len),
+            windows + -(-(n_total - n) // win_len))
+
+
 def layout_sizes(grids: list, vcfg: VisionConfig) -> LayoutSizes:
     """The smallest common (power-of-two bucketed) LayoutSizes that fit every grid list in `grids` (one per
-    row or example; an empty list stands for a row without images: see `row_grid`)."""
-    stats = [_grid_stats(row_grid(g, vcfg), vcfg) for g in grids]
-    if not stats:
-        raise ValueError("layout_sizes: no grid")
+    row or example; an empty list stands for a row without images: see `row_grid`) and a padding row.
+
+    Every batch may carry padding rows (the last batch of an evaluation, empty rows up to a fixed row count);
+    a padding row holds one smallest stand-in image and the rest padding patches, which takes more segments
+    than a full row (padding never shares a segment), so it is always fitted too."""
+    stats = [_grid_stats(row_grid(g, vcfg), vcfg) for g in [*grids, []]]
     n_total = max(next_pow2(n) for n, _, _ in stats)
     full_len = max(next_pow2(max(frames)) for _, frames, _ in stats)
+    counts = [_segment_counts(st, n_total, full_len, vcfg) for st in stats]
+    return LayoutSizes(n_total, full_len, max(c[0] for c in counts), max(c[1] for c in counts))
+
+
+def fits(grid, sizes: LayoutSizes, vcfg: VisionConfig) -> bool:
+    """Whether a row's images (grids [N, 3]; none: a padding row) lay out within `sizes`."""
+    n, frames, windows = stats = _grid_stats(row_grid(grid, vcfg), vcfg)
+    if n > sizes.num_patches or max(frames) > sizes.full_len:
+        return False
+    full, window = _segment_counts(stats, sizes.num_patches, sizes.full_len, vcfg)
+    return full <= sizes.full_segments and window <= sizes.window_segments
+
+
+def grown_sizes(sizes: LayoutSizes, grids: list, vcfg: VisionConfig) -> LayoutSizes:
+    """Sizes that fit every row `sizes` fits and the rows of `grids` too, for sizes that grow while a run
+    goes on (rows that were not fitted up front); the segment counts are rounded up to powers of two as well,
+    so that growing sizes take few distinct shapes. No earlier row is needed: a row's frames pack into no more
+    segments at a larger full_len (greedy packing of consecutive frames), and its padding segments grow by at
+    most the added patches over the segment length."""
+    stats = [_grid_stats(row_grid(g, vcfg), vcfg) for g in grids]
+    n_total = max([sizes.num_patches] + [next_pow2(n) for n, _, _ in stats])
+    full_len = max([sizes.full_len] + [next_pow2(max(frames)) for _, frames, _ in stats])
+    added = n_total - sizes.num_patches
     win_len = vcfg.window_units ** 2 * vcfg.merge_unit
-    # full attention: a row's frames packed into segments of full_len, as vision_layout lays them out
-    full = max(len(_pack(frames, full_len)) + -(-(n_total - n) // full_len) for n, frames, _ in stats)
-    window = max(wins + -(-(n_total - n) // win_len) for n, _, wins in stats)
-    return LayoutSizes(n_total, full_len, full, window)
+    counts = [_segment_counts(st, n_total, full_len, vcfg) for st in stats]
+    full = max([sizes.full_segments + -(-added // full_len)] + [c[0] for c in counts])
+    window = max([sizes.window_segments + -(-added // win_len)] + [c[1] for c in counts])
+    return LayoutSizes(n_total, full_len, next_pow2(full), next_pow2(window))
 
 
 def stacked_layouts(grids: list, vcfg: VisionConfig, sizes: LayoutSizes | None = None) -> VisionLayout:

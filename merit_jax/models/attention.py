@@ -1,0 +1,93 @@
+"""Causal self-attention over packed rows without T × S scores: splash attention (the Pallas TPU kernel).
+
+    out_btnh = splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)   # model.attention = "splash"
+
+Packed rows hold several examples, told apart by `segment_ids` (0: padding); a token attends to the earlier
+tokens of its own segment (causal by index within a segment, which is causal by position id too, since a
+segment's positions count up from 0). The kernel takes exactly that as a CausalMask plus SegmentIds and works
+block by block, so neither the scores nor the mask ever exist whole. Grouped-query attention runs the MQA form
+of the kernel once per KV head over the query heads of its group. Under a mesh the kernel runs per shard
+(`jax.shard_map`: rows over the data axes, KV heads over tp), since XLA cannot partition a Pallas call.
+
+The kernel needs sequence lengths that are multiples of 128 (its block size); shorter or odd-length batches
+(generation, tests) fall back to XLA's attention with the same mask, which `dense_attention` builds. On a machine
+without a TPU the kernel runs through Pallas' interpreter (tests: slow, exact); `INTERPRET` says which, and a
+deviceless TPU compile (merit_jax.plan) sets it False.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from merit_jax.sharding import LOGICAL_RULES
+
+BLOCK = 128  # the kernel's lane width: sequence lengths and blocks are multiples of it
+MAX_BLOCK = 512
+INTERPRET: bool | None = None  # None: interpret unless the default backend is a TPU
+
+
+def dense_mask(segment_ids_bt: jax.Array) -> jax.Array:
+    """bool [B, 1, T, T]: causal by index, same segment (XLA's fallback)."""
+    t = segment_ids_bt.shape[1]
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    return (causal[None] & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]))[:, None]
+
+
+def supported(t: int) -> bool:
+    return t % BLOCK == 0
+
+
+def _block(t: int) -> int:
+    return max(b for b in range(BLOCK, min(t, MAX_BLOCK) + 1, BLOCK) if t % b == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(t: int, group: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b = _block(t)
+    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
+    with jax.ensure_compile_time_eval():  # the kernel's mask tables are constants, cached across traces
+        return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _local(q_btnh, k_btkh, v_btkh, seg_bt, interpret: bool):
+    """The kernel on one shard: rows and KV heads of this device."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    b, t, n, h = q_btnh.shape
+    k = k_btkh.shape[2]
+    kernel = _kernel(t, n // k, interpret)
+    q_bkgth = (q_btnh * (1.0 / np.sqrt(h))).astype(q_btnh.dtype).reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    k_bkth, v_bkth = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
+
+    def row(q_kgth, k_kth, v_kth, seg_t):
+        ids = sk.SegmentIds(q=seg_t, kv=seg_t)
+        return jax.vmap(lambda qg, kh, vh: kernel(qg, kh, vh, segment_ids=ids))(q_kgth, k_kth, v_kth)
+
+    out_bkgth = jax.vmap(row)(q_bkgth, k_bkth, v_bkth, seg_bt)
+    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def splash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+    """softmax(q kᵀ / √h + causal-within-segment mask) v, [B, T, N, H] out; q, k, v in the compute dtype."""
+    interpret = INTERPRET if INTERPRET is not None else jax.default_backend() != "tpu"
+    seg = segment_ids_bt.astype(jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or all(s == 1 for s in mesh.shape.values()):
+        return _local(q_btnh, k_btkh, v_btkh, seg, interpret)
+    rows = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
+    rows = rows if rows and q_btnh.shape[0] % int(np.prod([mesh.shape[a] for a in rows])) == 0 else ()
+    heads = "tp" if mesh.shape["tp"] > 1 and k_btkh.shape[2] % mesh.shape["tp"] == 0 else None
+    qkv = P(rows or None, None, heads, None)
+    fn = jax.shard_map(functools.partial(_local, interpret=interpret), mesh=mesh,
+                       in_specs=(qkv, qkv, qkv, P(rows or None, None)), out_specs=qkv, check_vma=False)
+    return fn(q_btnh, k_btkh, v_btkh, seg)
