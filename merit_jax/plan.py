@@ -71,6 +71,8 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
         raise PlanError(f"--programs: unknown {unknown}; expected some of {', '.join(PROGRAMS)}")
     topo = hardware.topology(topology)
     devices = hardware.devices(topo)
+    from merit_jax.models import attention
+    attention.INTERPRET = None if not topo.is_tpu else False  # splash: the real kernel for a TPU, never interpreted
     s = train.TrainSettings.from_cfg(cfg)
     try:
         mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tp), devices=devices)

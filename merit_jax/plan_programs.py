@@ -205,7 +205,16 @@ def dot_flops(jaxpr, loops: bool = True) -> float:
     return total
 
 
-_HBM_USED = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
+_SIZE = re.compile(r"([\d.]+)([KMGT])")  # "50.14G" in the TPU compiler's out-of-memory messages
+
+
+def shard_bytes(args) -> int:
+    """Bytes per device of the arrays among `args` (ShapeDtypeStructs with shardings)."""
+    total = 0
+    for x in jax.tree.leaves(args):
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+            total += math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    return total
 
 
 def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int | None, peak_flops: float | None,
@@ -221,14 +230,15 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
         factor = dot_flops(traced.jaxpr.jaxpr) / once if once else 1.0
         try:
             compiled = traced.lower().compile()
-        except jax.errors.JaxRuntimeError as e:  # a TPU compile refuses a program that overflows HBM
-            found = _HBM_USED.search(str(e))
-            if not found:
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that overflows HBM:
+            message = str(e).splitlines()[0]  # "... HLO temporaries (50.14G) exceeds available HBM (15.75G)"
+            sizes = _SIZE.findall(message.partition("RESOURCE_EXHAUSTED")[2])
+            if "RESOURCE_EXHAUSTED" not in message or not sizes:
                 raise
-            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-            used = int(float(found.group(1)) * scale[found.group(2)])
-            return Program(0, 0, 0, 0, used, False, 0.0, None, tokens, model_flops, None,
-                           time.perf_counter() - start, factor, rows_per_chip, error=found.group(0))
+            temp = int(float(sizes[0][0]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[sizes[0][1]])
+            args_bytes = shard_bytes(args)
+            return Program(args_bytes, 0, 0, temp, args_bytes + temp, False, 0.0, None, tokens, model_flops, None,
+                           time.perf_counter() - start, factor, rows_per_chip, error=message)
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
