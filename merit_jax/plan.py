@@ -73,6 +73,7 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
     devices = hardware.devices(topo)
     from merit_jax.models import attention
     attention.INTERPRET = None if not topo.is_tpu else False  # splash: the real kernel for a TPU, never interpreted
+    supported = attention.supported  # splash runs (and its kernel flops count) at lengths the kernel takes
     s = train.TrainSettings.from_cfg(cfg)
     try:
         mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tp), devices=devices)
@@ -111,8 +112,10 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
             rows, per_chip = chunks * ex.micro_chunk, ex.micro_chunk / math.prod(mesh.shape[a] for a in ex.batch_axes)
             visual = any(n.startswith("visual/") for n in ex.layout.names)
             flops = pp.model_flops(counts, "extract", rows, seq, images, vl, visual)
+        kind = name.split("_")[0]
+        kernel = pp.attention_flops(counts, kind, rows, seq) if s.attention == "splash" and supported(seq) else 0.0
         out[name] = vars(pp.measure(fn, args, mesh, tokens=rows * seq, model_flops=flops, rows_per_chip=per_chip,
-                                    **target))
+                                    kernel_flops=kernel, **target))
         if images is not None:
             out[name]["images_per_row"] = images["images"]
     record = {"topology": topo.name, "chips": topo.chips, "hbm_bytes_per_chip": target["hbm_bytes"],

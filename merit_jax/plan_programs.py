@@ -178,6 +178,7 @@ class Program:
     rows_per_chip: float  # rows each chip processes at once (micro-batch, micro-chunk)
     error: str = ""  # the compiler's own refusal (e.g. out of HBM), when it refused
     roofline_from: str = ""  # "xla" (optimal_seconds) | "flops/bytes" (where XLA gives none)
+    kernel_flops: float = 0.0  # per chip, in Pallas kernels (splash attention), counted at peak in roofline_s
 
 
 def dot_flops(jaxpr, loops: bool = True) -> float:
@@ -195,7 +196,7 @@ def dot_flops(jaxpr, loops: bool = True) -> float:
         subs = [x.jaxpr if isinstance(x, jcore.ClosedJaxpr) else x
                 for v in eqn.params.values() for x in (v if isinstance(v, (tuple, list)) else (v,))
                 if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr))]
-        if not subs:
+        if not subs or eqn.primitive.name == "pallas_call":  # a kernel's body is one block: see kernel_flops
             continue
         if eqn.primitive.name == "cond":
             total += max(dot_flops(j, loops) for j in subs)
@@ -218,13 +219,18 @@ def shard_bytes(args) -> int:
 
 
 def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int | None, peak_flops: float | None,
-            hbm_bytes_per_s: float | None, tokens: int, model_flops: float, rows_per_chip: float) -> Program:
+            hbm_bytes_per_s: float | None, tokens: int, model_flops: float, rows_per_chip: float,
+            kernel_flops: float = 0.0) -> Program:
     """Traces, lowers and compiles `fn(*args)` under `mesh` and reads XLA's memory and cost analyses.
 
     The roofline time is XLA's `optimal_seconds`; where the cost model gives none (it returns a negative
-    sentinel for some programs, e.g. the extraction step), max(flops / peak, bytes accessed / HBM bandwidth)."""
+    sentinel for some programs, e.g. the extraction step), max(flops / peak, bytes accessed / HBM bandwidth).
+    `kernel_flops` (global) are done by Pallas kernels, which XLA's cost model does not see (splash
+    attention): they are added to the flops, and to the roofline time at the chips' peak."""
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
+    # Traced under the mesh's abstract form: the shardings are the run's, but nothing is placed on the devices
+    # while tracing (a compile-only TPU device holds no constant, e.g. splash attention's mask tables).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         traced = fn.trace(*args)
         once = dot_flops(traced.jaxpr.jaxpr, loops=False)
         factor = dot_flops(traced.jaxpr.jaxpr) / once if once else 1.0
@@ -253,11 +259,14 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
         source = "flops/bytes"
     else:
         roofline, source = None, ""
+    kernel = kernel_flops / chips
+    if roofline is not None and peak_flops:
+        roofline += kernel / peak_flops
     mfu = model_flops / (roofline * chips * peak_flops) if roofline and peak_flops else None
     return Program(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes),
                    int(mem.temp_size_in_bytes), int(total), None if hbm_bytes is None else total <= hbm_bytes,
-                   float(cost.get("flops", 0.0)) * factor, roofline, tokens, model_flops, mfu, compile_s, factor,
-                   rows_per_chip, roofline_from=source)
+                   float(cost.get("flops", 0.0)) * factor + kernel, roofline, tokens, model_flops, mfu, compile_s,
+                   factor, rows_per_chip, roofline_from=source, kernel_flops=kernel)
 
 
 # ------------------------------------------------------------------------------------------ model flops
@@ -282,6 +291,12 @@ def flop_model(model: nnx.Module, s: train.TrainSettings) -> dict[str, Any]:
     return counts
 
 
+def attention_flops(counts: dict, kind: str, rows: int, seq_len: int) -> float:
+    """The language model's causal attention over rows x seq_len tokens: scores and values, 4 L H Dh S per
+    token forward, half of it under the causal mask; x3 with the backward pass."""
+    return float((2 if kind == "eval" else 6) * counts["attention"] * seq_len * rows * seq_len)
+
+
 def model_flops(counts: dict, kind: str, rows: int, seq_len: int, images: dict | None, vl_config=None,
                 vision_grads: bool = False) -> float:
     """Useful flops of one step over rows x seq_len tokens: mult * N per token for the language matmuls
@@ -290,7 +305,7 @@ def model_flops(counts: dict, kind: str, rows: int, seq_len: int, images: dict |
     mult' = 6 when the vision tower gets gradients, else 2 (frozen, or extraction of the language side)."""
     mult = 2 if kind == "eval" else 6
     tokens = rows * seq_len
-    flops = mult * counts["language"] * tokens + mult * counts["attention"] * seq_len * tokens
+    flops = mult * counts["language"] * tokens + attention_flops(counts, kind, rows, seq_len)
     if images is not None:
         v = vl_config.vision
         t, h, w = images["grid"]
