@@ -133,11 +133,12 @@ def get_config() -> ml_collections.ConfigDict:
   v.noise_draws = 2
   v.lmc_points = 5
   # Hessian–PCA alignment at θ⁰ (docs/SPLIT.md): |cos| of each split axis's parameter-space direction with the
-  # span of the top-k Hessian eigenvectors of the training loss, against random directions. ~10 s here; at
-  # 3B it costs ~k+40 Hessian-vector products and a Lanczos basis of 40 x the selected parameters.
+  # span of the top-k Hessian eigenvectors of the training loss, against random directions. ~15 s here; it
+  # costs ~k+40 Hessian-vector products and a Lanczos basis of 44 x the selected parameters (off at 0.5B+).
   v.hessian_alignment = True
   v.hessian_k = 10  # the paper: top-10
-  v.hessian_examples = 64  # training examples (spread over the tasks) in the loss whose Hessian is taken
+  v.hessian_examples = 64  # training examples (round-robin over the tasks) in the loss whose Hessian is taken
+  v.hessian_max_bytes = 4 << 30  # skipped (with the reason in the report) when the Lanczos basis needs more
 
   # --- plan (python -m merit_jax.plan): the run's size when no data is at hand ---------------------------
   c.plan = ml_collections.ConfigDict(dict(tokens=0, tasks=0))  # training tokens (one epoch), tasks; 0: the data's

@@ -43,5 +43,8 @@ def get_config(size: str = "0.5b"):
     c.train.log_every = 10
     c.evaluate.baselines = ("joint", "uniform")
     c.evaluate.max_new_tokens = 64
+    # the Hessian–PCA alignment's Lanczos basis is 44 x the selected parameters (~85 GB at 0.5B): on only with
+    # a narrow extract.include (evaluate.hessian_max_bytes guards it anyway)
+    c.evaluate.hessian_alignment = False
     c.export.dtype = "bfloat16"
     return c

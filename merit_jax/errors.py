@@ -29,13 +29,23 @@ def reading(path: str | os.PathLike, what: str, where: str = "") -> Iterator[Non
     cannot read this {what} (...)"). Errors of our own (already naming the file) pass through unchanged."""
     try:
         yield
-    except (InputFileError, KeyboardInterrupt, MemoryError):
+    except PROGRAMMING_ERRORS:  # a bug or a broken install, not a damaged file: keep the traceback
         raise
-    except Exception as e:  # noqa: BLE001: library readers raise anything from OSError to Rust panics
-        if getattr(e, "names_the_file", False):
+    except Exception as e:  # noqa: BLE001: readers raise OSError, SafetensorError, Arrow, tensorstore, ...
+        if _is_runtime_error(e):  # e.g. out of device memory while restoring
             raise
         raise InputFileError(f"{path}{where}: cannot read this {what} ({describe(e)}); "
                              "is it truncated or corrupt? Copy it again") from e
+
+
+# Raised by our code or by a wrong call, never by damaged bytes: they pass through `reading` unchanged
+# (InputFileError too, which already names its file).
+PROGRAMMING_ERRORS = (InputFileError, TypeError, AttributeError, NameError, ImportError, AssertionError,
+                      NotImplementedError, RecursionError, MemoryError)
+
+
+def _is_runtime_error(e: Exception) -> bool:
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
 
 
 def utf8_line(raw: bytes, path: str | os.PathLike, lineno: int) -> str:

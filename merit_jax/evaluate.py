@@ -28,7 +28,7 @@ from merit_jax import checkpoint, diagnostics, merge
 from merit_jax import workdir as wd
 from merit_jax.data import packing
 from merit_jax.data.mixture import load_mixture, load_tokenizer
-from merit_jax.data.vision import row_images_for
+from merit_jax.data.vision import is_vl_run, row_images_for
 from merit_jax.models import params as P
 from merit_jax.models.generate import generate, left_pad
 from merit_jax.models.inputs import batch_token_ce
@@ -239,6 +239,7 @@ def run(cfg, workdir: pathlib.Path) -> dict:
     out_file = workdir / RESULTS
     if out_file.is_file():
         log.info("evaluate: %s exists, skipping", out_file)
+        alignment_diagnostic(cfg, workdir)
         return wd.read_json(out_file)
     models = models_to_evaluate(cfg, workdir)
     tokenizer = load_tokenizer(cfg)
@@ -267,40 +268,60 @@ def run(cfg, workdir: pathlib.Path) -> dict:
             model_diagnostics(cfg, ev, name, flat, theta0, result["mean_loss"], own)
         del flat
     results["diagnostics"] = {**branch_diagnostics(cfg, workdir, ev, models, theta0, results["models"]), **own}
-    if cfg.evaluate.get("hessian_alignment", False):
-        results["diagnostics"]["hessian_alignment"] = alignment_diagnostic(cfg, workdir, mixture, template)
     wd.write_json(out_file, results)
+    alignment_diagnostic(cfg, workdir, mixture)
     return results
 
 
-def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture, template) -> dict:
-    """Hessian–PCA alignment at θ⁰ (merit_jax.alignment), or {"skipped": why} where it does not apply."""
-    from merit_jax import alignment
-    from merit_jax import split
+ALIGNMENT = "evaluate/hessian_alignment.json"
 
+
+def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | None:
+    """Hessian–PCA alignment at θ⁰ (merit_jax.alignment) into WORKDIR/evaluate/hessian_alignment.json (its own
+    file, written after results.json: a failure here costs no model's evaluation), or {"skipped": why} where it
+    does not apply; None when evaluate.hessian_alignment is off. Skipped when the file exists."""
+    from merit_jax import alignment, split
+    from merit_jax.train import mesh_for
+
+    e = cfg.evaluate
+    out_file = workdir / ALIGNMENT
+    if not e.get("hessian_alignment", False):
+        return None
+    if out_file.is_file():
+        return wd.read_json(out_file)
     partition = wd.read_partition(workdir)
     record = wd.read_json(wd.extract_dir(workdir) / "tasks.json")
-    why = ("the split has no principal axis (split.method=none)" if not partition.get("depth") else
-           "Qwen2.5-VL calibration batches carry images; text models only for now" if row_images_for(cfg, template)
-           else "extract.per_example=unit weighs examples by gradient norms" if record["per_example"] == "unit"
-           else None)
+    n_params, k = int(record["params"]["coordinates"]), int(e.get("hessian_k", 10))
+    need, budget = alignment.basis_bytes(n_params, k), int(e.get("hessian_max_bytes", 4 << 30))
+    why = ("the split did not cut along principal axes (split.method is not merit)"
+           if partition.get("method") != "merit" or not partition.get("depth") else
+           "Qwen2.5-VL calibration batches carry images; text models only for now" if is_vl_run(cfg) else
+           f"the Lanczos basis would take {need / 2**30:.1f} GiB for {n_params:,} parameters, over "
+           f"evaluate.hessian_max_bytes={budget / 2**30:.1f} GiB (narrow extract.include)" if need > budget else None)
     if why:
         log.warning("evaluate: Hessian–PCA alignment skipped: %s", why)
+        wd.write_json(out_file, {"skipped": why})
         return {"skipped": why}
     start = time.time()
-    names = record["params"]["names"]
+    if mixture is None:
+        mixture = load_mixture(cfg, load_tokenizer(cfg), workdir)
     tasks = [mixture.tasks[t["name"]].calib for t in record["tasks"]]
     cos = np.load(wd.split_dir(workdir) / "cosine.npy")
-    pca = split.pca_scores(cos, int(partition["depth"]), center=bool(partition.get("center", True)))
+    # global axes: level l cut along axis l; local axes: only the first cut is along a global one
+    axes = int(partition["depth"]) if partition.get("axes", "global") == "global" else 1
+    pca = split.pca_scores(cos, axes, center=bool(partition.get("center", True)))
     row_norms = np.sqrt(np.diag(np.load(wd.extract_dir(workdir) / "gram.npy")))
-    e = cfg.evaluate
-    model = load_model(wd.theta0(cfg, workdir), compute_dtype=cfg.model.compute_dtype)
-    out = alignment.hessian_alignment(model, names, tasks, record["per_example"], pca.axes_tr, row_norms,
-                                      k=int(e.get("hessian_k", 10)), hessian_examples=int(e.get("hessian_examples", 64)),
-                                      seed=int(cfg.get("seed", 0)), logits_chunk=int(cfg.model.get("logits_chunk", 0)))
+    full = np.load(wd.extract_dir(workdir) / "task_grads.npy", mmap_mode="r") if record["reduction"] == "full" else None
+    mesh = mesh_for(cfg)
+    model = load_model(wd.theta0(cfg, workdir), mesh=mesh, compute_dtype=cfg.model.compute_dtype)
+    out = alignment.hessian_alignment(model, record["params"]["names"], tasks, record["per_example"], pca.axes_tr,
+                                      row_norms, task_grads_tp=full, k=k, hessian_examples=int(e.get("hessian_examples", 64)),
+                                      seed=int(cfg.get("seed", 0)), logits_chunk=int(cfg.model.get("logits_chunk", 0)),
+                                      mesh=mesh)
     out["seconds"] = round(time.time() - start, 1)
     log.info("evaluate: Hessian–PCA alignment %s (random %.2e) in %.1fs", ", ".join(f"{a:.3f}" for a in out["axes"]),
              out["random_mean"], out["seconds"])
+    wd.write_json(out_file, out)
     return out
 
 

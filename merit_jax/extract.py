@@ -457,23 +457,16 @@ def stability_curve(per_task_cosines: Mapping[str, Mapping[int, np.ndarray]],
     return curve
 
 
-def weighted_sketch_mean(result: TaskResult, per_example: str) -> np.ndarray:
-    """The task's weighted mean gradient in per-example-sketch space (the sketches are linear)."""
-    w = sk.example_weights(per_example, result.norms, result.tokens)
-    return w @ result.example_sketches.astype(np.float64) / w.sum()
-
-
 def task_stability(result: TaskResult, per_example: str, sizes: Sequence[int], draws: int,
-                   seed: int, task: str, reference: TaskResult | None = None) -> dict[int, np.ndarray]:
+                   seed: int, task: str, reference: np.ndarray | None = None) -> dict[int, np.ndarray]:
     """{m: cosines [draws]} for the m in `sizes` with m <= n, from the task's per-example sketches, against
-    `reference` (a pass over examples disjoint from the calibration ones) or, without one, against the mean of
-    all n calibration examples."""
+    `reference` (the weighted mean gradient of examples disjoint from the calibration ones, in the sketches'
+    space) or, without one, against the mean of all n calibration examples."""
     if result.example_sketches is None:
         return {}
     w = sk.example_weights(per_example, result.norms, result.tokens)
-    ref = weighted_sketch_mean(reference, per_example) if reference is not None else None
     rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "little")])
-    return {int(m): sk.stability_cosines(result.example_sketches, w, int(m), draws, rng, ref)
+    return {int(m): sk.stability_cosines(result.example_sketches, w, int(m), draws, rng, reference)
             for m in sizes if m <= result.n}
 
 
@@ -495,7 +488,7 @@ def _fingerprint(cfg, theta0: pathlib.Path, mixture_fp: str, names: Sequence[str
     theta0 = pathlib.Path(theta0).resolve()
     stamps = sorted((p.name, p.stat().st_mtime_ns) for p in theta0.iterdir()) if theta0.is_dir() else []
     keys = dict(theta0=[str(theta0), stamps], mixture=mixture_fp, names=list(names),
-                options=_options_record(cfg),
+                options=_options_record(cfg), gradients=ExtractOptions.from_config(cfg).batched,  # norms or not
                 stability=[list(e.get("stability_sizes", STABILITY_SIZES)), int(e.get("stability_draws", 20)),
                            int(e.get("stability_reference", 0))])
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
@@ -514,7 +507,8 @@ def _options_record(cfg) -> dict[str, Any]:
     options.pop("micro_chunk")  # these change memory and speed, not results
     options.pop("logits_chunk")
     options.pop("gradients")  # batched and per-example gradients give the same vectors
-    return {**options, "n_calib": int(e.n_calib), "include": list(e.include), "exclude": list(e.exclude)}
+    return {**options, "n_calib": int(e.n_calib), "include": list(e.include), "exclude": list(e.exclude),
+            "stability_reference": int(e.get("stability_reference", 0))}
 
 
 def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
@@ -559,12 +553,18 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     vocab = _vocab_size(model)
     task_names = list(mixture.tasks)
     n_tasks = len(task_names)
+    with_reference = options.keep_example_sketches and any(t.reference for t in mixture.tasks.values())
     for name in task_names:  # every input error before any compute
         check_calibration(name, mixture.tasks[name].calib, vocab)
+        if with_reference and mixture.tasks[name].reference:
+            check_calibration(name, mixture.tasks[name].reference, vocab, what="stability-reference example")
     # every task padded to the largest task's chunk count: one compilation per sequence-length bucket
-    with_reference = options.keep_example_sketches and any(t.reference for t in mixture.tasks.values())
-    chunks = extractor.chunks_for(max(max(len(t.calib), len(t.reference) if with_reference else 0)
-                                      for t in mixture.tasks.values()))
+    chunks = extractor.chunks_for(max(len(t.calib) for t in mixture.tasks.values()))
+    if with_reference:  # the reference's mean only, straight into the per-example sketches' space (linear)
+        ref_extractor = TaskExtractor(model, names, dataclasses.replace(
+            options, reduction=options.example_reduction, keep_example_sketches=False), mesh=mesh,
+            compiler_options=_xla_options(e))
+        ref_chunks = ref_extractor.chunks_for(max(len(t.reference) for t in mixture.tasks.values()))
     images, first = _calibration_images(cfg, model, mixture, with_reference)
     log.info("extract: %d tasks, %d parameter tensors (%d coordinates), reduction=%s -> d=%d, θ⁰=%s",
              n_tasks, len(names), extractor.layout.total, options.reduction, extractor.dim, theta)
@@ -609,8 +609,8 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
         result = extractor(task_batch(task.calib, 0), task=name, chunks=chunks)
         reference = None
         if with_reference and task.reference:
-            reference = extractor(task_batch(task.reference, len(task.calib)), task=f"{name} (stability reference)",
-                                  chunks=chunks)
+            reference = ref_extractor(task_batch(task.reference, len(task.calib)),
+                                      task=f"{name} (stability reference)", chunks=ref_chunks).vector
         record = {"name": name, "n_calib": result.n, "train_tokens": int(task.train_tokens),
                   "family": task.family, "calib_tokens": int(result.tokens.sum()),
                   "loss_mean": float(result.losses.mean()),
@@ -682,7 +682,7 @@ def _calibration_images(cfg, model, mixture, with_reference: bool = False):
     return make(examples).fit([[i] for i in range(len(examples))]), first
 
 
-def check_calibration(task: str, examples: Sequence[Any], vocab_size: int) -> None:
+def check_calibration(task: str, examples: Sequence[Any], vocab_size: int, what: str = "calibration example") -> None:
     """Clear errors before any compute: no calibration example, an example without a supervised token,
     a token id the model cannot embed."""
     if not examples:
@@ -690,10 +690,10 @@ def check_calibration(task: str, examples: Sequence[Any], vocab_size: int) -> No
                          "(check the task's records and data.max_len / data.truncation)")
     for i, ex in enumerate(examples):
         if not np.any(ex.loss_mask):
-            raise ValueError(f"task {task!r}: calibration example {i} has no supervised token")
+            raise ValueError(f"task {task!r}: {what} {i} has no supervised token")
         top = int(np.max(ex.input_ids))
         if top >= vocab_size:
-            raise ValueError(f"task {task!r}: calibration example {i} holds token id {top} >= the model's "
+            raise ValueError(f"task {task!r}: {what} {i} holds token id {top} >= the model's "
                              f"vocab_size {vocab_size} (tokenizer and θ⁰ do not match)")
 
 

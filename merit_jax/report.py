@@ -17,14 +17,8 @@ from merit_jax import workdir as wd
 log = logging.getLogger(__name__)
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _loss_curve(metrics_file: pathlib.Path):
-    rows = [r for r in _read_jsonl(metrics_file) if "loss" in r and "step" in r]
+    rows = [r for r in wd.read_jsonl(metrics_file) if "loss" in r and "step" in r]
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 
@@ -103,6 +97,9 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
         md += ["", "## Training", "", "![loss curves](loss_curves.png)"]
 
     md += diagnostics_section(results.get("diagnostics", {}), out)
+    alignment_file = workdir / "evaluate" / "hessian_alignment.json"
+    if alignment_file.is_file():
+        md += alignment_section(wd.read_json(alignment_file), out)
     if timings:
         md += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
@@ -146,6 +143,7 @@ def alignment_section(align: dict | None, out: pathlib.Path) -> list[str]:
           "against 5.6e-5 for random unit vectors.", "",
           "| direction | alignment |", "|---|---|"]
     md += [f"| split axis {i + 1} | {a:.4f} |" for i, a in enumerate(align["axes"])]
+    md += [f"| (cost) | {align.get('seconds', 0):.1f} s |"]
     md += [f"| random unit vectors | {align['random_mean']:.2e} ± {align['random_std']:.1e} "
            f"(√(k/P) = {align['expected_random']:.2e}) |"]
     values = {f"axis {i + 1}": a for i, a in enumerate(align["axes"])} | {"random": align["random_mean"]}
@@ -190,7 +188,6 @@ def diagnostics_section(diag: dict, out: pathlib.Path) -> list[str]:
         md += ["", "| model | train loss | held-out loss | gap |", "|---|---|---|---|"]
         md += [f"| {k} | {v['train']:.4f} | {v['heldout']:.4f} | {v['heldout'] - v['train']:+.4f} |"
                for k, v in diag["train_vs_heldout"].items()]
-    md += alignment_section(diag.get("hessian_alignment"), out)
     if diag.get("noise"):
         sigmas = list(next(iter(diag["noise"].values()))["sigmas"])
         md += ["", "| model | clean | " + " | ".join(f"σ={s}" for s in sigmas) + " |",

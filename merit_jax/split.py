@@ -584,7 +584,7 @@ def run(cfg: Any, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     part_path = out / "partition.json"
     if part_path.exists() and not force:
         log.info("split: %s exists, skipping", part_path)
-        return json.loads(part_path.read_text())
+        return wd.read_json(part_path)
 
     scfg = _cfg_get(cfg, "split", None)
     method = str(_cfg_get(scfg, "method", "merit"))

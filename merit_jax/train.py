@@ -532,9 +532,8 @@ class MetricsLog:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # drop what a killed run logged after its last checkpoint: it is redone
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [r for r in wd.read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)

@@ -72,6 +72,26 @@ def read_json(path: Path, what: str | None = None) -> Any:
         raise InputFileError(f"{path}: cannot read it ({describe(e)})") from None
 
 
+def read_jsonl(path: Path) -> list:
+    """The records of a JSON-lines log (metrics.jsonl). A last line cut short by a killed writer is dropped;
+    a bad line anywhere else names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = utf8_text(path.read_bytes(), path).splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):  # torn by a kill mid-write: that step is redone on resume
+                break
+            raise InputFileError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
 def read_tasks(path: Path) -> list:
     """extract/tasks.json's task entries (the file is {"tasks": [...], + metadata}; a bare list is accepted)."""
     data = read_json(path, "extract")

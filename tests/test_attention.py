@@ -87,3 +87,30 @@ def test_short_sequences_fall_back_to_the_same_mask(tmp_path):
     want = load_model(tmp_path)(ids, segment_ids=seg)
     got = load_model(tmp_path, attention="splash")(ids, segment_ids=seg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_qwen2_5_vl_with_splash_equals_xla(tmp_path, monkeypatch):
+    """The VL model's language model (packed text of 128 tokens) and its vision tower's full-attention blocks
+    (a 16x16-patch image: one 256-patch segment) take the kernel; logits equal the XLA path's."""
+    from tests import vl_fixtures as F
+
+    F.tiny_vl(tmp_path / "vl")
+    F.GRIDS["big"] = (1, 16, 16)
+    try:
+        ids = np.asarray(F.prompt(10, "big", 20, seed=3))
+        pixel_values, grid = F.pixels(["big"], seed=3)
+    finally:
+        del F.GRIDS["big"]
+    ids = np.concatenate([ids, np.zeros(T - len(ids), ids.dtype)])[None]
+    mask = np.zeros((1, T), np.int32)
+    mask[0, :10 + 66 + 20] = 1  # text, the image's 64 tokens between start and end, text; then padding
+    want = load_model(tmp_path / "vl")(ids, pixel_values=pixel_values, image_grid_thw=grid, attention_mask=mask)
+    calls = []
+    for name in ("splash_attention", "splash_segments"):  # a spy: which kernels the forward took
+        real_fn = getattr(A, name)
+        monkeypatch.setattr(A, name, lambda *a, _f=real_fn, _n=name: (calls.append(_n), _f(*a))[1])
+    got = load_model(tmp_path / "vl", attention="splash")(ids, pixel_values=pixel_values, image_grid_thw=grid,
+                                                           attention_mask=mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-4)
+    assert {"splash_attention", "splash_segments"} <= set(calls), calls

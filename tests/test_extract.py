@@ -540,3 +540,24 @@ def test_bf16_master_weights_extract_the_float32_direction(hf_dir, names, batch,
     cos = got.vector @ want.vector / np.linalg.norm(got.vector) / np.linalg.norm(want.vector)
     assert got.vector.dtype == np.float32 and cos > 0.99, cos
     np.testing.assert_allclose(got.losses, want.losses, rtol=0.05)
+
+
+def test_the_stability_reference_is_disjoint_and_leaves_the_calibration_examples_alone():
+    import types
+
+    from ml_collections import ConfigDict
+
+    from merit_jax.data.mixture import _split_task
+
+    indexed = [(i, types.SimpleNamespace(i=i, supervised_tokens=3)) for i in range(300)]
+
+    def split(reference):
+        cfg = ConfigDict({"data": {"seed": 0, "heldout_fraction": 0.1, "heldout_max": 16},
+                          "extract": {"n_calib": 200, "stability_reference": reference}})
+        return _split_task("t", indexed, 300, cfg, None)
+
+    without, with_ref = split(0), split(1000)
+    assert [e.i for e in with_ref.calib] == [e.i for e in without.calib] and not without.reference
+    calib, reference = {e.i for e in with_ref.calib}, {e.i for e in with_ref.reference}
+    assert len(reference) == 300 - 16 - 200 and not calib & reference  # all that is left, none shared
+    assert not reference & {e.i for e in with_ref.heldout}

@@ -8,7 +8,6 @@ as `name`).
 """
 
 import dataclasses
-import json
 import logging
 import pathlib
 import tempfile
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 import merit_jax.data.records as rec
 import merit_jax.data.synthetic as synthetic
 import merit_jax.data.synthetic_vl as synthetic_vl
+from merit_jax.workdir import read_json
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def resolve(cfg, workdir=None) -> tuple[list[Source], dict[str, str]]:
     if not path.exists():
         raise rec.DataError(f"{path}: data.path does not exist")
     families_file = path / "families.json"
-    families = json.loads(families_file.read_text()) if families_file.exists() else {}
+    families = read_json(families_file) if families_file.exists() else {}
     return [Source(path)], families
 
 

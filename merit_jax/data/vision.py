@@ -32,6 +32,7 @@ import numpy as np
 
 from merit_jax.data.records import DataError, Record
 from merit_jax.errors import reading
+from merit_jax.workdir import read_json
 from merit_jax.data.synthetic_vl import (SYNTHETIC_VL_TASKS, SYNTHETIC_VL_VERSION, VL_TOKENIZER_DIR,  # noqa: F401
                                         write_synthetic_vl_mixture)
 from merit_jax.data.tokenize import Example, truncate
@@ -403,7 +404,7 @@ def is_vl_run(cfg) -> bool:
     if not path:
         return cfg.model.get("model_type", "qwen2") == "qwen2_5_vl"
     config = pathlib.Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "qwen2_5_vl"
+    return config.is_file() and read_json(config).get("model_type") == "qwen2_5_vl"
 
 
 class ImageEncoding:

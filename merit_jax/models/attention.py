@@ -46,17 +46,40 @@ def _block(t: int) -> int:
     return max(b for b in range(BLOCK, min(t, MAX_BLOCK) + 1, BLOCK) if t % b == 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(t: int, group: int, interpret: bool):
+def _kernel(t: int, heads: int, interpret: bool, causal: bool = True):
+    """MQA kernel over `heads` query heads sharing one KV head (causal), or MHA (bidirectional)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b = _block(t)
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
-    with jax.ensure_compile_time_eval():  # the kernel's mask tables are constants, cached across traces
-        return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) if causal else sm.FullMask((t, t)) for _ in range(heads)])
+    make = sk.make_splash_mqa_single_device if causal else sk.make_splash_mha_single_device
+    # Built per trace (its mask tables become constants of the program being traced; a kernel kept across
+    # traces would leak them). The mask processing itself is cached inside jax's splash module.
+    return make(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _interpret() -> bool:
+    return INTERPRET if INTERPRET is not None else jax.default_backend() != "tpu"
+
+
+def splash_segments(q_slnh: jax.Array, k_slnh: jax.Array, v_slnh: jax.Array, piece_sl: jax.Array) -> jax.Array:
+    """Bidirectional attention inside pieces of each of S rows (the vision tower's frames and windows:
+    merit_jax.models.vision_layout.SegmentGather), [S, L, N, H] in and out; L a multiple of 128."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    s, length, n, h = q_slnh.shape
+    kernel = _kernel(length, n, _interpret(), causal=False)
+    scale = 1.0 / np.sqrt(h)
+
+    def row(q_lnh, k_lnh, v_lnh, piece_l):
+        ids = sk.SegmentIds(q=piece_l, kv=piece_l)
+        q = (q_lnh * scale).astype(q_lnh.dtype).transpose(1, 0, 2)
+        return kernel(q, k_lnh.transpose(1, 0, 2), v_lnh.transpose(1, 0, 2), segment_ids=ids).transpose(1, 0, 2)
+
+    return jax.vmap(row)(q_slnh, k_slnh, v_slnh, piece_sl.astype(jnp.int32))
 
 
 def _local(q_btnh, k_btkh, v_btkh, seg_bt, interpret: bool):
@@ -79,7 +102,7 @@ def _local(q_btnh, k_btkh, v_btkh, seg_bt, interpret: bool):
 
 def splash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
     """softmax(q kᵀ / √h + causal-within-segment mask) v, [B, T, N, H] out; q, k, v in the compute dtype."""
-    interpret = INTERPRET if INTERPRET is not None else jax.default_backend() != "tpu"
+    interpret = _interpret()
     seg = segment_ids_bt.astype(jnp.int32)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or all(s == 1 for s in mesh.shape.values()):

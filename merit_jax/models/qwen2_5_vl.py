@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from merit_jax.models import attention
 from merit_jax.models.config import ModelConfig
 from merit_jax.models.generate import _init_caches, _sample, _with_index
 from merit_jax.models.mrope import image_token_index, mrope_cos_sin, mrope_positions
@@ -223,11 +224,16 @@ def _rotate(x_pnh: Array, cos_ph: Array, sin_ph: Array) -> Array:
 
 
 def segment_attention(q_pnh: Array, k_pnh: Array, v_pnh: Array, seg: SegmentGather, implementation=None) -> Array:
-    """Bidirectional attention inside each segment; [P, N, H] in and out."""
+    """Bidirectional attention inside each segment; [P, N, H] in and out. `implementation="splash"`: the
+    Pallas kernel (no [L, L] scores) for segment lengths that are multiples of 128."""
     q, k, v = (x[seg.gather] for x in (q_pnh, k_pnh, v_pnh))  # [S, L, N, H]
     piece = jnp.asarray(seg.piece)
-    mask = ((piece[:, :, None] == piece[:, None, :]) & (piece[:, None, :] >= 0))[:, None]  # [S, 1, L, L]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if implementation == "splash" and attention.supported(piece.shape[1]):
+        out = attention.splash_segments(q, k, v, piece)  # empty slots (-1) attend among themselves: unused
+    else:
+        mask = ((piece[:, :, None] == piece[:, None, :]) & (piece[:, None, :] >= 0))[:, None]  # [S, 1, L, L]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                           implementation=None if implementation == "splash" else implementation)
     s, length, n, h = out.shape
     return out.reshape(s * length, n, h)[seg.scatter]
 
@@ -238,7 +244,7 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(d, 3 * d, ("embed", "heads"), bias=True, policy=policy, rngs=rngs)
         self.proj = Linear(d, d, ("heads", "embed"), bias=True, policy=policy, rngs=rngs)
         self.n, self.h = cfg.num_heads, cfg.head_dim
-        self.implementation = policy.attention if policy.attention == "cudnn" else None  # splash: text only
+        self.implementation = None if policy.attention == "xla" else policy.attention
 
     def __call__(self, x_pd: Array, cos_ph: Array, sin_ph: Array, seg: SegmentGather) -> Array:
         p = x_pd.shape[0]
@@ -461,6 +467,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         b, t = input_ids.shape
         order_bt = jnp.broadcast_to(jnp.arange(t), (b, t))  # causality is by index, not by position id
         mask = make_attention_mask(order_bt, segment_ids, attention_mask)
+        if self.policy.attention == "splash":  # the kernel takes segment ids (0: padding), never a [T, S] mask
+            mask = segment_ids if segment_ids is not None else (
+                attention_mask if attention_mask is not None else jnp.ones((b, t), jnp.int32))
         h_btd, _ = self.model(input_ids, cos_sin(cos, sin), mask, inputs_embeds_btd=x_btd)
         return h_btd
 
