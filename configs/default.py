@@ -139,4 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
   v.hessian_k = 10  # the paper: top-10
   v.hessian_examples = 64  # training examples (round-robin over the tasks) in the loss whose Hessian is taken
   v.hessian_max_bytes = 4 << 30  # skipped (with the reason in the report) when the Lanczos basis needs more
+
+  # --- plan (python -m merit_jax.plan): the run's size when no data is at hand ---------------------------
+  c.plan = ml_collections.ConfigDict(dict(tokens=0, tasks=0))  # training tokens (one epoch), tasks; 0: the data's
   return c

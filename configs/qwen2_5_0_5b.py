@@ -4,6 +4,12 @@
         --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct --config.data.path=/data/flan_tasks
 
 θ⁰ is the pretrained instruct checkpoint (no basin stage); bf16 compute with fp32 master weights.
+
+Before booking hardware, compile its programs for the slice (no weights needed: configs/arch holds the
+architecture) and read the plan (docs/SCALE.md):
+
+    python -m merit_jax.plan --config configs/qwen2_5_0_5b.py --topology v5p-8 \
+        --config.model.hf_path=configs/arch/Qwen2.5-0.5B-Instruct --tokens 200000000 --tasks 64
 """
 
 from configs import default
@@ -25,7 +31,7 @@ def get_config(size: str = "0.5b"):
     c.extract.keep_example_sketches = False  # per-example sketches cost a pass over P each; the stability curve needs them
     c.extract.dim = 8192
     c.split.depth = 2
-    c.train.learning_rate = {"0.5b": 1e-5, "1.5b": 1e-5, "3b": 5e-6}[size]
+    c.train.learning_rate = {"0.5b": 1e-5, "1.5b": 1e-5, "3b": 5e-6, "7b": 5e-6}[size]
     c.train.schedule = "cosine"
     c.train.warmup_steps = 50
     c.train.weight_decay = 0.0

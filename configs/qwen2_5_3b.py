@@ -2,6 +2,12 @@
 
     python -m merit_jax.main --config configs/qwen2_5_3b.py --workdir runs/q3b \
         --config.model.hf_path=/models/Qwen2.5-3B-Instruct --config.data.path=/data/flan_tasks
+
+Before booking hardware, compile its programs for the slice (no weights needed: configs/arch holds the
+architecture) and read the plan (docs/SCALE.md):
+
+    python -m merit_jax.plan --config configs/qwen2_5_3b.py --topology v5p-8 \
+        --config.model.hf_path=configs/arch/Qwen2.5-3B-Instruct --tokens 200000000 --tasks 64
 """
 
 from configs import qwen2_5_0_5b

@@ -8,6 +8,12 @@
 Everything is local: a Hugging Face directory of the model (config.json, *.safetensors, tokenizer and
 preprocessor_config.json) and a copy of the Vision-FLAN release (annotation JSON + image folder). Starts
 from configs/default.py; see docs/VL.md for the choices below.
+
+Before booking hardware, compile its programs for the slice (no weights or images needed: configs/arch holds
+the architecture; images are planned at data.image_max_pixels) and read the plan (docs/SCALE.md):
+
+    python -m merit_jax.plan --config configs/qwen2_5_vl_3b.py --topology v5p-8 \
+        --config.model.hf_path=configs/arch/Qwen2.5-VL-3B-Instruct --tokens 120000000 --tasks 191
 """
 
 import ml_collections

@@ -456,6 +456,16 @@ def to_global(local: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int) -> 
 # ---------------------------------------------------------------------------------------- evaluation
 
 
+def jit_eval_step(model: SplitModel, num_tasks: int, mesh: Mesh, param_shardings, vl: bool, xla_options=None,
+                  logits_chunk: int = 0) -> Callable:
+    """jax.jit of make_eval_step with explicit shardings: batch rows (and `task_id` [B]) over the data axes,
+    per-task sums replicated (what HeldoutEval runs, and what merit_jax.plan compiles)."""
+    keys = batch_keys(vl)
+    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in keys.items()} | {"task_id": batch_sharding(mesh, 1)}
+    return jax.jit(make_eval_step(model, num_tasks, logits_chunk), in_shardings=(param_shardings, batch_sh),
+                   out_shardings=(NamedSharding(mesh, PartitionSpec()),) * 3, compiler_options=xla_options or None)
+
+
 class HeldoutEval:
     """Per-task held-out loss and token accuracy, one example per row, in fixed-size batches (one compile)."""
 
@@ -469,11 +479,8 @@ class HeldoutEval:
         self.images = None  # VL: per-row image inputs, sized once for every held-out example
         if make_images is not None and self.examples:
             self.images = make_images([ex for _, ex in self.examples]).fit([[i] for i in range(len(self.examples))])
-        keys = batch_keys(self.images is not None)
-        batch_sh = {k: batch_sharding(mesh, nd) for k, nd in keys.items()} | {"task_id": batch_sharding(mesh, 1)}
-        self.step = jax.jit(make_eval_step(model, max(len(self.tasks), 1), logits_chunk), in_shardings=(param_shardings, batch_sh),
-                            out_shardings=(NamedSharding(mesh, PartitionSpec()),) * 3,
-                            compiler_options=xla_options or None)
+        self.step = jit_eval_step(model, max(len(self.tasks), 1), mesh, param_shardings, self.images is not None,
+                                  xla_options, logits_chunk)
 
     def _local_batch(self, first: int) -> dict[str, np.ndarray]:
         """This process's rows of the eval batch starting at example `first` (padded with empty rows)."""

@@ -323,9 +323,12 @@ class VisionTransformer(nnx.Module):
         cos, sin = vision_rope(layout.rope_hw, self.cfg.head_dim, self.cfg.rope_theta)
         for i, block in enumerate(self.blocks):
             seg = layout.full if i in self.cfg.fullatt_block_indexes else layout.window
-            if self.policy.remat != "none":
-                block_fn = nnx.remat(lambda blk, *a: blk(*a), policy=_REMAT_POLICIES[self.policy.remat])
-                x_pd = block_fn(block, x_pd, cos, sin, seg)
+            if self.policy.remat != "none":  # jax.checkpoint over the block as a closure: under the jax.vmap over
+                # rows (embed) nnx.remat fails to write the block's parameters back ("Cannot mutate Param from a
+                # different trace level"), so no VL train step with remat could be traced
+                block_fn = jax.checkpoint(lambda x, c, s_, g, blk=block: blk(x, c, s_, g),
+                                          policy=_REMAT_POLICIES[self.policy.remat])
+                x_pd = block_fn(x_pd, cos, sin, seg)
             else:
                 x_pd = block(x_pd, cos, sin, seg)
         return self.merger(x_pd)[jnp.asarray(layout.unit_restore)]

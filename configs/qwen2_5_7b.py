@@ -1,0 +1,19 @@
+"""Qwen2.5-7B-Instruct on a local FLAN-style mixture: configs/qwen2_5_0_5b.py with another size.
+
+    python -m merit_jax.main --config configs/qwen2_5_7b.py --workdir runs/q7b \
+        --config.model.hf_path=/models/Qwen2.5-7B-Instruct --config.data.path=/data/flan_tasks
+
+Before booking hardware, compile its programs for the slice (no weights needed: configs/arch holds the
+architecture) and read the plan (docs/SCALE.md):
+
+    python -m merit_jax.plan --config configs/qwen2_5_7b.py --topology v5p-16 \
+        --config.model.hf_path=configs/arch/Qwen2.5-7B-Instruct --tokens 200000000 --tasks 64
+"""
+
+from configs import qwen2_5_0_5b
+
+
+def get_config():
+    c = qwen2_5_0_5b.get_config("7b")
+    c.mesh.update(data=1, fsdp=-1, tp=1)  # FSDP over every device; add tp=2..8 for long sequences
+    return c

@@ -1,0 +1,35 @@
+"""MERIT on Qwen2.5-VL-7B (the paper's 7B VL run: 176 data sources, 1.6M examples, a 2-D split: 4 groups).
+
+    python -m merit_jax.main --config configs/qwen2_5_vl_7b.py --workdir runs/vl7b \
+        --config.model.hf_path=/data/Qwen2.5-VL-7B-Instruct \
+        --config.data.path=/data/vl_mixture --config.data.image_root=/data/vl_mixture/images
+
+configs/qwen2_5_vl_3b.py with the 7B model and the larger mixture: data.path is a directory with one record
+file per source (a source is a task; Vision-FLAN-format records, docs/DATA.md), images resolving against
+data.image_root. Planning before hardware needs neither weights nor data (docs/SCALE.md):
+
+    python -m merit_jax.plan --config configs/qwen2_5_vl_7b.py --topology v5p-16 \
+        --config.model.hf_path=configs/arch/Qwen2.5-VL-7B-Instruct
+
+which projects the run from `plan` below (the paper's size) until the mixture is at hand.
+"""
+
+import ml_collections
+
+from configs import qwen2_5_vl_3b
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = qwen2_5_vl_3b.get_config()
+    c.workdir = "runs/qwen2_5_vl_7b"
+    c.model.hf_path = "checkpoints/Qwen2.5-VL-7B-Instruct"
+    c.data.path = "data/vl_mixture"
+    c.data.image_root = "data/vl_mixture/images"
+    c.split.depth = 2  # K = 4 groups: the paper's 2-D split for the 7B VL run
+    c.train.learning_rate = 1e-5  # the LLaVA recipe's 2e-5 halved for the larger model
+    # The run's size for `merit_jax.plan` while the mixture is not at hand: 176 sources, 1.6M examples of
+    # ~600 tokens (<= 512 image tokens at data.image_max_pixels plus the text): an estimate, the data's own
+    # count replaces it as soon as data.path exists.
+    c.plan.tasks = 176
+    c.plan.tokens = 1_600_000 * 600
+    return c
