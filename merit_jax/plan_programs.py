@@ -179,6 +179,7 @@ class Program:
     error: str = ""  # the compiler's own refusal (e.g. out of HBM), when it refused
     roofline_from: str = ""  # "xla" (optimal_seconds) | "flops/bytes" (where XLA gives none)
     kernel_flops: float = 0.0  # per chip, in Pallas kernels (splash attention), counted at peak in roofline_s
+    cost_compile_s: float = 0.0  # the second compile without XLA's own loops, when there was one (NO_XLA_LOOPS)
 
 
 def dot_flops(jaxpr, loops: bool = True) -> float:
@@ -218,15 +219,24 @@ def shard_bytes(args) -> int:
     return total
 
 
+# XLA's TPU compiler splits a matmul whose operand is all-gathered (reduce-scattered) over 8+ chips into a loop
+# over the shards (windowed einsum), and its cost model then counts one shard's matmul. The cost is read from
+# a second compile of the same program without those loops; memory always from the program the run compiles.
+NO_XLA_LOOPS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
 def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int | None, peak_flops: float | None,
             hbm_bytes_per_s: float | None, tokens: int, model_flops: float, rows_per_chip: float,
             kernel_flops: float = 0.0) -> Program:
     """Traces, lowers and compiles `fn(*args)` under `mesh` and reads XLA's memory and cost analyses.
 
-    The roofline time is XLA's `optimal_seconds`; where the cost model gives none (it returns a negative
-    sentinel for some programs, e.g. the extraction step), max(flops / peak, bytes accessed / HBM bandwidth).
-    `kernel_flops` (global) are done by Pallas kernels, which XLA's cost model does not see (splash
-    attention): they are added to the flops, and to the roofline time at the chips' peak."""
+    The roofline time is XLA's `optimal_seconds` with the program's own loops counted (loop_factor); where
+    XLA added loops (its flops fall short of the program's matmuls) it comes from a compile without them
+    (NO_XLA_LOOPS); where the cost model gives none (a negative sentinel for some programs, e.g. the tiny
+    extraction step), max(flops / peak, bytes accessed / HBM bandwidth). `kernel_flops` (global) are done by
+    Pallas kernels, which XLA's cost model does not see (splash attention): they are added to the flops, and
+    to the roofline time at the chips' peak."""
     start = time.perf_counter()
     # Traced under the mesh's abstract form: the shardings are the run's, but nothing is placed on the devices
     # while tracing (a compile-only TPU device holds no constant, e.g. splash attention's mask tables).
@@ -234,21 +244,21 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
         traced = fn.trace(*args)
         once = dot_flops(traced.jaxpr.jaxpr, loops=False)
         factor = dot_flops(traced.jaxpr.jaxpr) / once if once else 1.0
+        lowered = traced.lower()
         try:
-            compiled = traced.lower().compile()
-        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that overflows HBM:
-            message = str(e).splitlines()[0]  # "... HLO temporaries (50.14G) exceeds available HBM (15.75G)"
-            sizes = _SIZE.findall(message.partition("RESOURCE_EXHAUSTED")[2])
-            if "RESOURCE_EXHAUSTED" not in message or not sizes:
-                raise
-            temp = int(float(sizes[0][0]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[sizes[0][1]])
-            args_bytes = shard_bytes(args)
-            return Program(args_bytes, 0, 0, temp, args_bytes + temp, False, 0.0, None, tokens, model_flops, None,
-                           time.perf_counter() - start, factor, rows_per_chip, error=message)
-    compile_s = time.perf_counter() - start
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            refused = _refusal(e, args)
+            return Program(*refused, False, 0.0, None, tokens, model_flops, None, time.perf_counter() - start,
+                           factor, rows_per_chip, error=str(e).splitlines()[0])
+        compile_s = time.perf_counter() - start
+        cost = _cost(compiled)
+        cost_compile_s = 0.0
+        if peak_flops and cost.get("flops", 0.0) < 0.95 * once / chips:
+            tick = time.perf_counter()
+            cost = _cost(lowered.compile(compiler_options=NO_XLA_LOOPS))
+            cost_compile_s = time.perf_counter() - tick
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
     optimal = cost.get("optimal_seconds")
@@ -266,7 +276,24 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
     return Program(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes),
                    int(mem.temp_size_in_bytes), int(total), None if hbm_bytes is None else total <= hbm_bytes,
                    float(cost.get("flops", 0.0)) * factor + kernel, roofline, tokens, model_flops, mfu, compile_s,
-                   factor, rows_per_chip, roofline_from=source, kernel_flops=kernel)
+                   factor, rows_per_chip, roofline_from=source, kernel_flops=kernel, cost_compile_s=cost_compile_s)
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis() or {}
+    return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def _refusal(error, args) -> tuple[int, int, int, int, int]:
+    """(argument, output, alias, temp, total) bytes of a program the TPU compiler refused for overflowing HBM
+    ("... HLO temporaries (50.14G) exceeds available HBM (15.75G)"); re-raises any other compile error."""
+    message = str(error).splitlines()[0]
+    sizes = _SIZE.findall(message.partition("RESOURCE_EXHAUSTED")[2])
+    if "RESOURCE_EXHAUSTED" not in message or not sizes:
+        raise error
+    temp = int(float(sizes[0][0]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[sizes[0][1]])
+    args_bytes = shard_bytes(args)
+    return args_bytes, 0, 0, temp, args_bytes + temp
 
 
 # ------------------------------------------------------------------------------------------ model flops
