@@ -64,6 +64,7 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
     """The plan of `cfg` on `topology` as the --json record (see module docstring); raises PlanError."""
     from merit_jax import plan_programs as pp
     from merit_jax import train
+    from merit_jax.models import attention
     from merit_jax.sharding import make_mesh
 
     unknown = sorted(set(programs) - set(PROGRAMS))
@@ -71,9 +72,6 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
         raise PlanError(f"--programs: unknown {unknown}; expected some of {', '.join(PROGRAMS)}")
     topo = hardware.topology(topology)
     devices = hardware.devices(topo)
-    from merit_jax.models import attention
-    attention.INTERPRET = None if not topo.is_tpu else False  # splash: the real kernel for a TPU, never interpreted
-    supported = attention.supported  # splash runs (and its kernel flops count) at lengths the kernel takes
     s = train.TrainSettings.from_cfg(cfg)
     try:
         mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tp), devices=devices)
@@ -81,49 +79,59 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
     except ValueError as e:
         raise PlanError(f"{topo.name} ({topo.chips} chips): {e}") from None
     size = run_size(cfg, tokens, tasks, workdir)
-    hf = hf_config_of(cfg)
-    model = pp.abstract_model(hf, s, mesh, f"{cfg.model.hf_path or 'model.tiny'}/config.json")
-    vl = getattr(model, "vl_config", None)
-    counts = pp.flop_model(model, s)
-    chip = topo.chip
-    target = dict(chips=topo.chips, hbm_bytes=chip and chip.hbm_bytes, peak_flops=chip and chip.peak_bf16_flops,
-                  hbm_bytes_per_s=chip and chip.hbm_bytes_per_s)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    out = {}
-    for name in programs:
-        log.info("plan: compiling %s for %s", name, topo.name)
-        if name == "train_step":
-            images = pp.image_budget(cfg, vl, s.seq_len) if vl else None
-            fn, args = pp.train_step(cfg, model, s, mesh, images)
-            rows, seq, per_chip = s.batch_size, s.seq_len, s.batch_size / s.grad_accum / dp
-            flops = pp.model_flops(counts, "train", rows, seq, images, vl, counts["vision_trained"])
-        elif name == "eval_step":
-            images = pp.image_budget(cfg, vl, s.seq_len, 1) if vl else None
-            fn, args = pp.eval_step(cfg, model, s, mesh, images, size["tasks"])
-            rows, seq = s.eval_batch_size or s.batch_size, s.seq_len
-            per_chip = rows / dp
-            flops = pp.model_flops(counts, "eval", rows, seq, images, vl)
-        else:
-            from merit_jax.extract import seq_bucket
-            seq = seq_bucket(int(cfg.data.max_len))
-            images = pp.image_budget(cfg, vl, seq, 1) if vl else None
-            fn, args, ex = pp.extract_step(cfg, model, mesh, images)
-            chunks = args[3]["input_ids"].shape[0]
-            rows, per_chip = chunks * ex.micro_chunk, ex.micro_chunk / math.prod(mesh.shape[a] for a in ex.batch_axes)
-            visual = any(n.startswith("visual/") for n in ex.layout.names)
-            flops = pp.model_flops(counts, "extract", rows, seq, images, vl, visual)
-        kind = name.split("_")[0]
-        kernel = pp.attention_flops(counts, kind, rows, seq) if s.attention == "splash" and supported(seq) else 0.0
-        out[name] = vars(pp.measure(fn, args, mesh, tokens=rows * seq, model_flops=flops, rows_per_chip=per_chip,
-                                    kernel_flops=kernel, **target))
-        if images is not None:
-            out[name]["images_per_row"] = images["images"]
-    record = {"topology": topo.name, "chips": topo.chips, "hbm_bytes_per_chip": target["hbm_bytes"],
-              "peak_flops_per_chip": target["peak_flops"], "device_kind": devices[0].device_kind,
+    model = pp.abstract_model(hf_config_of(cfg), s, mesh, f"{cfg.model.hf_path or 'model.tiny'}/config.json")
+    interpret = attention.INTERPRET
+    attention.INTERPRET = None if not topo.is_tpu else False  # splash: the real kernel for a TPU, not interpreted
+    try:
+        out = {name: compile_program(name, cfg, s, model, mesh, topo, size["tasks"]) for name in programs}
+    finally:
+        attention.INTERPRET = interpret
+    record = {"topology": topo.name, "chips": topo.chips, "hbm_bytes_per_chip": topo.chip and topo.chip.hbm_bytes,
+              "peak_flops_per_chip": topo.chip and topo.chip.peak_bf16_flops, "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "params": int(sum(math.prod(v[0]) for v in _specs(model).values())),
               "programs": out}
     record["run"] = project(cfg, s, size, out, record["params"])
     return record
+
+
+def compile_program(name: str, cfg, s, model, mesh, topo: hardware.Topology, num_tasks: int) -> dict:
+    """One program's numbers (plan_programs.Program as a dict, + images_per_row for Qwen2.5-VL)."""
+    from merit_jax import plan_programs as pp
+    from merit_jax.models.attention import supported
+
+    log.info("plan: compiling %s for %s", name, topo.name)
+    vl = getattr(model, "vl_config", None)
+    counts = pp.flop_model(model, s)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if name == "train_step":
+        images = pp.image_budget(cfg, vl, s.seq_len) if vl else None
+        fn, args = pp.train_step(model, s, mesh, images)
+        rows, seq, per_chip = s.batch_size, s.seq_len, s.batch_size / s.grad_accum / dp
+        flops = pp.model_flops(counts, "train", rows, seq, images, vl, counts["vision_trained"])
+    elif name == "eval_step":
+        images = pp.image_budget(cfg, vl, s.seq_len, 1) if vl else None
+        fn, args = pp.eval_step(model, s, mesh, images, num_tasks)
+        rows, seq = s.eval_batch_size or s.batch_size, s.seq_len
+        per_chip = rows / dp
+        flops = pp.model_flops(counts, "eval", rows, seq, images, vl)
+    else:
+        from merit_jax.extract import seq_bucket
+        seq = seq_bucket(int(cfg.data.max_len))
+        images = pp.image_budget(cfg, vl, seq, 1) if vl else None
+        fn, args, ex = pp.extract_step(cfg, model, mesh, images)
+        chunks = args[3]["input_ids"].shape[0]
+        rows, per_chip = chunks * ex.micro_chunk, ex.micro_chunk / math.prod(mesh.shape[a] for a in ex.batch_axes)
+        visual = any(n.startswith("visual/") for n in ex.layout.names)
+        flops = pp.model_flops(counts, "extract", rows, seq, images, vl, visual)
+    kind = name.split("_")[0]  # splash attention's kernel flops, which XLA's cost model does not see
+    kernel = pp.attention_flops(counts, kind, rows, seq) if s.attention == "splash" and supported(seq) else 0.0
+    chip = topo.chip
+    out = vars(pp.measure(fn, args, mesh, tokens=rows * seq, model_flops=flops, rows_per_chip=per_chip,
+                          kernel_flops=kernel, chips=topo.chips, hbm_bytes=chip and chip.hbm_bytes,
+                          peak_flops=chip and chip.peak_bf16_flops, hbm_bytes_per_s=chip and chip.hbm_bytes_per_s))
+    if images is not None:
+        out["images_per_row"] = images["images"]
+    return out
 
 
 def _specs(model):

@@ -1,8 +1,9 @@
 """The programs a run compiles (branch train step, extraction step, held-out eval step), built from the
 project's own step functions on abstract inputs, compiled for a mesh, and measured (merit_jax.plan).
 
-    model = abstract_model(hf_config, settings, mesh)          # parameters as ShapeDtypeStructs in their shards
-    program = measure("train_step", *train_step(cfg, model, settings, mesh), target)
+    model = abstract_model(hf_config, settings, mesh)   # parameters as ShapeDtypeStructs in their shards
+    fn, args = train_step(model, settings, mesh, images=None)
+    program = measure(fn, args, mesh, chips=4, hbm_bytes=..., peak_flops=..., ...)   # Program: bytes, flops, ...
 
 No weights and no accelerator: every input is a jax.ShapeDtypeStruct carrying the sharding the run gives it,
 so `jit(...).trace(...).lower().compile()` yields the same executable the run compiles (and, for a TPU
@@ -11,7 +12,8 @@ topology, libtpu's compile-only devices stand in for the chips).
 Counting: XLA's cost model counts the body of a loop once, whatever its trip count, and the steps hold
 loops (the logits chunks of the loss, gradient accumulation, the extraction's micro-chunks). The jaxpr knows
 the trip counts: `loop_factor` is its matmul flops with every scan counted `length` times over the same
-count with each body once, and the plan scales XLA's flops and roofline time by it.
+count with each body once, and the plan scales XLA's flops and roofline time by it. Loops XLA adds itself
+are avoided in a second compile for the cost (NO_XLA_LOOPS).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -76,8 +77,9 @@ def _struct(shape, dtype, mesh: Mesh, lead: tuple = ()) -> jax.ShapeDtypeStruct:
 
 
 def image_budget(cfg, vl_config, seq_len: int, images_per_row: int | None = None) -> dict[str, Any]:
-    """The per-row image arrays of rows filled with the config's largest images: (1 image per row with
-    images_per_row=1; else as many as fit seq_len tokens), sized by the project's own layout code.
+    """The per-row image arrays of rows filled with the config's largest images (data.image_max_pixels):
+    `images_per_row` of them, or as many as fit seq_len tokens, sized by the project's own layout code (the
+    largest arrays a run of this config can meet: a row holds at most 4 x seq_len patches).
     Returns {"arrays": {key: (shape without the row axis, dtype)}, "grid", "images", "tokens_per_image"}."""
     from merit_jax.data.vision import image_grid, processor_for
     from merit_jax.models.inputs import layout_keys
@@ -115,7 +117,7 @@ def batch_structs(mesh: Mesh, rows: int, seq_len: int, images: dict | None, lead
 # ------------------------------------------------------------------------------------------ programs
 
 
-def train_step(cfg, model: nnx.Module, s: train.TrainSettings, mesh: Mesh, images):
+def train_step(model: nnx.Module, s: train.TrainSettings, mesh: Mesh, images):
     """(jitted train step, its abstract (state, batch)): build_step_functions, as train_model runs it."""
     split = train.SplitModel(model)
     fns = train.build_step_functions(split, s, num_steps=1000, mesh=mesh)
@@ -124,7 +126,7 @@ def train_step(cfg, model: nnx.Module, s: train.TrainSettings, mesh: Mesh, image
     return fns.train_step, (state, batch_structs(mesh, s.batch_size, s.seq_len, images))
 
 
-def eval_step(cfg, model: nnx.Module, s: train.TrainSettings, mesh: Mesh, images, num_tasks: int):
+def eval_step(model: nnx.Module, s: train.TrainSettings, mesh: Mesh, images, num_tasks: int):
     """(jitted held-out eval step, its abstract (params, batch)): what HeldoutEval runs during training."""
     split = train.SplitModel(model)
     shardings = split.shardings(mesh)
