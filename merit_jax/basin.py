@@ -52,7 +52,8 @@ def run(cfg, workdir) -> Path | None:
     """Writes WORKDIR/basin (skipped when complete); returns it, or None when cfg.basin.enabled is False."""
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.sources import tokenizer_dir
-    from merit_jax.train import TrainSettings, mesh_for, train_model
+    from merit_jax.config import mesh_for, train_settings
+    from merit_jax.train import train_model
 
     workdir = Path(workdir)
     out = wd.basin_dir(workdir)
@@ -71,7 +72,7 @@ def run(cfg, workdir) -> Path | None:
     freeze = b.get("freeze", None)
     overrides["freeze"] = tuple(freeze if freeze is not None else () if not cfg.model.hf_path
                                 else cfg.train.get("freeze", ()))
-    settings = TrainSettings.from_cfg(cfg, **overrides)
+    settings = train_settings(cfg, **overrides)
     mesh = mesh_for(cfg)
     settings.validate(mesh)  # before any data is read or a model built
 

@@ -18,6 +18,10 @@ class InputFileError(ValueError):
     """A user file that is missing, truncated, corrupt or undecodable; the message names it."""
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised before any compute, naming the config keys involved."""
+
+
 def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

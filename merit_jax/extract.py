@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from merit_jax import sketch as sk
+from merit_jax.config import GRADIENT_PATHS, PER_EXAMPLE, ExtractOptions, extract_options, mesh_for  # noqa: F401
 from merit_jax import workdir as wd
 from merit_jax.convert.hf import to_host
 from merit_jax.models import params as P
@@ -43,8 +44,6 @@ from merit_jax.sharding import LOGICAL_RULES
 
 log = logging.getLogger(__name__)
 
-PER_EXAMPLE = ("mean", "unit", "tokens")
-GRADIENT_PATHS = ("auto", "per_example", "batched")
 STABILITY_SIZES = (10, 25, 50, 100, 200)
 BATCH_AXES = ("data", "fsdp")  # examples are sharded over every data-parallel mesh axis
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -140,55 +139,6 @@ def per_example_grads(model: nnx.Module, batch: Mapping[str, Any], names: Sequen
 # --------------------------------------------------------------------------------------------------
 # The compiled task function
 # --------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ExtractOptions:
-    reduction: str = "sketch"  # full | stride | sketch: of the task's mean gradient
-    per_example: str = "mean"  # mean | unit | tokens: how examples weigh in the task's mean
-    dim: int = 4096  # d of `sketch` (and of the per-example sketches when reduction is full)
-    stride: int = 7  # s of `stride`
-    seed: int = 0  # of the sketch's hash
-    micro_chunk: int = 16  # examples per vmap(grad) step (global, over all data shards)
-    keep_example_sketches: bool = True
-    logits_chunk: int = 0  # model.logits_chunk: the loss's logits this many positions at a time (0: at once)
-    gradients: str = "auto"  # auto | per_example | batched (see `batched`)
-
-    def __post_init__(self):
-        if self.reduction not in sk.REDUCTIONS:
-            raise ValueError(f"extract.reduction must be one of {sk.REDUCTIONS}, got {self.reduction!r}")
-        if self.per_example not in PER_EXAMPLE:
-            raise ValueError(f"extract.per_example must be one of {PER_EXAMPLE}, got {self.per_example!r}")
-        if isinstance(self.micro_chunk, bool) or int(self.micro_chunk) != self.micro_chunk or self.micro_chunk < 1:
-            raise ValueError(f"extract.micro_chunk must be an integer >= 1, got {self.micro_chunk!r}")
-        if self.gradients not in GRADIENT_PATHS:
-            raise ValueError(f"extract.gradients must be one of {GRADIENT_PATHS}, got {self.gradients!r}")
-        if self.gradients == "batched" and (self.per_example == "unit" or self.keep_example_sketches):
-            raise ValueError("extract.gradients=batched gives no per-example gradients: it needs "
-                             "extract.per_example=mean|tokens and extract.keep_example_sketches=False")
-
-    @property
-    def batched(self) -> bool:
-        """One gradient of the weighted loss per micro-chunk instead of per-example gradients. The task's mean
-        (weights 1 or supervised tokens) is linear in the examples, so both give the same vector; only `unit`
-        weights, per-example norms and per-example sketches (the stability curve) need per-example values.
-        `auto` takes the batched path whenever nothing per-example is asked for."""
-        if self.gradients == "auto":
-            return self.per_example != "unit" and not self.keep_example_sketches
-        return self.gradients == "batched"
-
-    @property
-    def example_reduction(self) -> str:
-        """Per-example gradients are never kept whole: with reduction=full they are sketched."""
-        return "sketch" if self.reduction == "full" else self.reduction
-
-    @classmethod
-    def from_config(cls, cfg) -> "ExtractOptions":
-        e = cfg.extract
-        return cls(reduction=e.reduction, per_example=e.per_example, dim=int(e.dim), stride=int(e.stride),
-                   seed=int(e.get("seed", cfg.get("seed", 0))), micro_chunk=int(e.micro_chunk),
-                   keep_example_sketches=bool(e.keep_example_sketches),
-                   logits_chunk=int(cfg.model.get("logits_chunk", 0)), gradients=e.get("gradients", "auto"))
-
 
 @dataclasses.dataclass
 class TaskResult:
@@ -488,7 +438,7 @@ def _fingerprint(cfg, theta0: pathlib.Path, mixture_fp: str, names: Sequence[str
     theta0 = pathlib.Path(theta0).resolve()
     stamps = sorted((p.name, p.stat().st_mtime_ns) for p in theta0.iterdir()) if theta0.is_dir() else []
     keys = dict(theta0=[str(theta0), stamps], mixture=mixture_fp, names=list(names),
-                options=_options_record(cfg), gradients=ExtractOptions.from_config(cfg).batched,  # norms or not
+                options=_options_record(cfg), gradients=extract_options(cfg).batched,  # norms or not
                 stability=[list(e.get("stability_sizes", STABILITY_SIZES)), int(e.get("stability_draws", 20)),
                            int(e.get("stability_reference", 0))])
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
@@ -503,7 +453,7 @@ def is_complete(workdir: pathlib.Path) -> bool:
 def _options_record(cfg) -> dict[str, Any]:
     """What the outputs depend on besides θ⁰ and the data (stored in tasks.json, compared on skip)."""
     e = cfg.extract
-    options = dataclasses.asdict(ExtractOptions.from_config(cfg))
+    options = dataclasses.asdict(extract_options(cfg))
     options.pop("micro_chunk")  # these change memory and speed, not results
     options.pop("logits_chunk")
     options.pop("gradients")  # batched and per-example gradients give the same vectors
@@ -523,7 +473,6 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.packing import pad_batch
     from merit_jax.models.io import load_model
-    from merit_jax.train import mesh_for
     from merit_jax.workdir import extract_dir, theta0, write_json
 
     workdir = pathlib.Path(workdir)
@@ -537,7 +486,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
         return record
     primary = jax.process_index() == 0
     e = cfg.extract
-    options = ExtractOptions.from_config(cfg)
+    options = extract_options(cfg)
     sizes = [int(m) for m in e.get("stability_sizes", STABILITY_SIZES)]
     draws = int(e.get("stability_draws", 20))
 

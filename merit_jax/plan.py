@@ -72,7 +72,7 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
         raise PlanError(f"--programs: unknown {unknown}; expected some of {', '.join(PROGRAMS)}")
     topo = hardware.topology(topology)
     devices = hardware.devices(topo)
-    s = train.TrainSettings.from_cfg(cfg)
+    s = train.train_settings(cfg)
     try:
         mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tp), devices=devices)
         s.validate(mesh)
@@ -146,10 +146,9 @@ def run_size(cfg, tokens: int | None, tasks: int | None, workdir=None) -> dict:
     """Tasks, groups and per-group training steps: from tokens / tasks when given (--tokens / --tasks), else
     from the data (the project's own packing plan) when it is at hand, else from the config's plan.tokens /
     plan.tasks."""
-    from merit_jax.config import num_groups
-    from merit_jax.train import TrainSettings
+    from merit_jax.config import num_groups, train_settings
 
-    s = TrainSettings.from_cfg(cfg)
+    s = train_settings(cfg)
     k = num_groups(cfg)
     if tokens is None and tasks is None and _data_at_hand(cfg):
         return _size_from_data(cfg, s, k, workdir)

@@ -146,7 +146,7 @@ def extract_step(cfg, model: nnx.Module, mesh: Mesh, images):
     from merit_jax import extract
 
     e = cfg.extract
-    options = extract.ExtractOptions.from_config(cfg)
+    options = extract.extract_options(cfg)
     names = extract.select_params(list(P.specs(model)), list(e.include), list(e.exclude))
     ex = extract.TaskExtractor(model, names, options, mesh=mesh, compiler_options=extract._xla_options(e))
     chunks = ex.chunks_for(int(e.n_calib))

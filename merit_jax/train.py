@@ -41,6 +41,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from merit_jax import checkpoint as ckpt_lib
+from merit_jax.config import (DEFAULT_NO_DECAY, OPTIMIZERS, SCHEDULES, TrainSettings, mesh_for,  # noqa: F401
+                              train_settings)
+from merit_jax.errors import ConfigError
 from merit_jax import workdir as wd
 from merit_jax.errors import reading
 from merit_jax.models import params as P
@@ -51,18 +54,6 @@ log = logging.getLogger(__name__)
 
 Path = pathlib.Path
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "terminated", after the state was saved
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots")
-# Parameters without weight decay unless train.no_decay says otherwise: biases, norm scales, embeddings.
-DEFAULT_NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)embed_tokens/embedding$")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any compute, naming the config keys involved."""
-
-
 class Preempted(SystemExit):
     """SIGTERM arrived: the state was saved at `step`; the process exits with PREEMPTED_EXIT_CODE."""
 
@@ -72,122 +63,6 @@ class Preempted(SystemExit):
 
     def __str__(self):
         return f"preempted: state saved at step {self.step} in {self.ckpt_dir}; rerun the same command to resume"
-
-
-# ------------------------------------------------------------------------------------------ settings
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    """cfg.train (and the dtype / remat keys of cfg.model) as one validated value."""
-
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    schedule: str = "cosine"
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.0  # cosine / linear decay end at learning_rate * min_lr_ratio
-    weight_decay: float = 0.0
-    no_decay: tuple[str, ...] = DEFAULT_NO_DECAY  # regexes over parameter names
-    freeze: tuple[str, ...] = ()  # regexes over parameter names: these get no update (e.g. "^visual/")
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    momentum: float = 0.9  # sgd
-    grad_clip: float = 1.0  # global norm; 0 disables
-    epochs: float = 1.0
-    batch_size: int = 16  # sequences per step, global
-    batch_tokens: int = 0  # > 0: global batch in tokens (batch_size = batch_tokens / seq_len)
-    seq_len: int = 128
-    grad_accum: int = 1
-    checkpoint_every: int = 50  # steps; 0: only at the end (and on SIGTERM)
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # steps; 0: only at the end
-    eval_batch_size: int = 0  # rows per eval step, global; 0: batch_size
-    log_every: int = 10
-    loader_threads: int = 1  # threads building batches (VL: image decoding and preprocessing)
-    seed: int = 0
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"
-    attention: str = "xla"
-    logits_chunk: int = 0  # model.logits_chunk: positions per logits chunk in the loss (0: all at once)
-    xla_options: tuple[tuple[str, Any], ...] = ()  # per-jit XLA options of the train / eval steps
-
-    @classmethod
-    def from_cfg(cls, cfg, **overrides) -> "TrainSettings":
-        t, m = cfg.train, cfg.model
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: t.get(k) for k in fields if t.get(k, None) is not None}
-        for key in ("param_dtype", "compute_dtype", "remat", "attention", "logits_chunk"):
-            if m.get(key, None) is not None:
-                values[key] = m.get(key)
-        values.setdefault("seed", cfg.get("seed", 0))
-        for key in ("no_decay", "freeze"):
-            if key in values:
-                values[key] = tuple(values[key])
-        if "xla_options" in values:
-            values["xla_options"] = tuple(sorted(dict(values["xla_options"]).items()))
-        values.update(overrides)
-        s = cls(**values)
-        if s.batch_tokens:
-            if s.batch_tokens % s.seq_len:
-                raise ConfigError(f"train.batch_tokens={s.batch_tokens} is not a multiple of "
-                                  f"train.seq_len={s.seq_len}")
-            s = dataclasses.replace(s, batch_size=s.batch_tokens // s.seq_len)
-        return s
-
-    def validate(self, mesh: Mesh | None = None) -> None:
-        errors = []
-        if self.optimizer not in OPTIMIZERS:
-            errors.append(f"train.optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
-        if self.schedule not in SCHEDULES:
-            errors.append(f"train.schedule={self.schedule!r}: expected one of {SCHEDULES}")
-        for key in ("param_dtype", "compute_dtype"):
-            if getattr(self, key) not in DTYPES:
-                errors.append(f"model.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
-        if self.remat not in REMAT:
-            errors.append(f"model.remat={self.remat!r}: expected one of {REMAT}")
-        if not self.learning_rate > 0:
-            errors.append(f"train.learning_rate={self.learning_rate} must be > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            errors.append(f"train.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
-        if not self.epochs > 0:
-            errors.append(f"train.epochs={self.epochs} must be > 0")
-        for key in ("warmup_steps", "checkpoint_every", "eval_every", "eval_batch_size", "grad_clip",
-                    "weight_decay", "batch_tokens", "logits_chunk"):
-            if getattr(self, key) < 0:
-                errors.append(f"train.{key}={getattr(self, key)} must be >= 0")
-        for key in ("batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every", "loader_threads"):
-            if getattr(self, key) < 1:
-                errors.append(f"train.{key}={getattr(self, key)} must be >= 1")
-        from merit_jax.errors import regex_errors
-
-        for key in ("no_decay", "freeze"):
-            errors += regex_errors(f"train.{key}", getattr(self, key))
-        if mesh is not None and self.batch_size >= 1 and self.grad_accum >= 1:
-            dp = mesh.shape["data"] * mesh.shape["fsdp"]
-            if self.batch_size % (dp * self.grad_accum):
-                errors.append(
-                    f"train.batch_size={self.batch_size} is not divisible by the data-parallel axes times the "
-                    f"micro-batches: mesh.data*mesh.fsdp*train.grad_accum = {mesh.shape['data']}*"
-                    f"{mesh.shape['fsdp']}*{self.grad_accum} = {dp * self.grad_accum} (every device needs the "
-                    "same number of rows in every micro-batch)")
-            if self.eval_batch_size and self.eval_batch_size % dp:
-                errors.append(f"train.eval_batch_size={self.eval_batch_size} is not divisible by "
-                              f"mesh.data*mesh.fsdp = {dp}")
-        if errors:
-            raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
-
-
-def mesh_for(cfg) -> Mesh:
-    """The (data, fsdp, tp) mesh of cfg.mesh over all global devices, or a ConfigError saying why not."""
-    m = cfg.mesh
-    try:
-        return make_mesh(int(m.data), int(m.fsdp), int(m.tp))
-    except ValueError as e:
-        raise ConfigError(f"config mesh (data={m.data}, fsdp={m.fsdp}, tp={m.tp}) does not fit the "
-                          f"{jax.device_count()} {jax.default_backend()} device(s) of {jax.process_count()} "
-                          f"process(es): {e}") from None
 
 
 # -------------------------------------------------------------------------------- optimizer (pure)
@@ -677,7 +552,7 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
     if ckpt_lib.is_checkpoint(final_dir):
         log.info("train: %s is complete, skipping", final_dir)
         return TrainResult(final_dir, 0, True, {})
-    s = settings or TrainSettings.from_cfg(cfg)
+    s = settings or train_settings(cfg)
     mesh = mesh or mesh_for(cfg)
     s.validate(mesh)
     if not examples:
@@ -930,7 +805,7 @@ def run(cfg, workdir: Path, branch: int | None = None, *, hooks: Sequence[Callab
     workdir = Path(workdir)
     groups = branch_groups(cfg, workdir)
     ks = list(range(len(groups))) if branch is None else [check_branch(branch, len(groups))]
-    settings = TrainSettings.from_cfg(cfg)
+    settings = train_settings(cfg)
     mesh = mesh_for(cfg)
     settings.validate(mesh)
     max_len = int(cfg.data.get("max_len", settings.seq_len))

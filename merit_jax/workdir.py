@@ -18,13 +18,18 @@ def basin_dir(workdir: Path) -> Path:
 
 
 def theta0(cfg, workdir: Path) -> Path:
+    """θ⁰ of a run's config (see `theta0_dir`)."""
+    return theta0_dir(workdir, basin=cfg.get("basin", {}).get("enabled", True), hf_path=cfg.model.hf_path)
+
+
+def theta0_dir(workdir: Path, *, basin: bool, hf_path: str) -> Path:
     """θ⁰: the basin stage's output when enabled, else the configured pretrained checkpoint."""
-    if cfg.get("basin", {}).get("enabled", True):
+    if basin:
         return basin_dir(workdir)
-    if not cfg.model.hf_path:
+    if not hf_path:
         raise ValueError("config: model.hf_path is empty and basin.enabled is False: there is no θ⁰ "
                          "(set --config.model.hf_path=DIR or --config.basin.enabled=True)")
-    return Path(cfg.model.hf_path)
+    return Path(hf_path)
 
 
 def extract_dir(workdir: Path) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from merit_jax import config
 from merit_jax import hardware, plan, train
 from merit_jax.plan_programs import dot_flops
 from tests.test_train_utils import REPO, make_config, random_params, set_key
@@ -119,7 +120,7 @@ def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
     record = plan.plan(cfg, "cpu", programs=("train_step", "extract_step"), tokens=1, tasks=1)
     assert record["chips"] == len(jax.devices()) == 8 and record["programs"]["train_step"]["fits"] is None
 
-    s = train.TrainSettings.from_cfg(cfg)
+    s = config.train_settings(cfg)
     mesh = train.mesh_for(cfg)
     hf = tiny_config(cfg, load_tokenizer(cfg))
     make = model_factory(hf, dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from merit_jax import config
 from merit_jax import basin, checkpoint, train
 from merit_jax import workdir as wd
 from merit_jax.convert.hf import model_factory
@@ -324,7 +325,7 @@ def test_distributed_start_up_is_read_from_the_environment():
 
 def test_batch_in_tokens():
     cfg = make_config(**{"train.batch_tokens": 1024})
-    assert train.TrainSettings.from_cfg(cfg).batch_size == 1024 // 64
+    assert config.train_settings(cfg).batch_size == 1024 // 64
 
 
 def test_damaged_training_state_is_named_on_resume(stage_run, tmp_path):
