@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import pathlib
 
+from merit_jax.config import data_settings
 from merit_jax import checkpoint as ckpt_lib
 from merit_jax import workdir as wd
 
@@ -76,16 +77,16 @@ def run(cfg, workdir) -> Path | None:
     mesh = mesh_for(cfg)
     settings.validate(mesh)  # before any data is read or a model built
 
-    tokenizer = load_tokenizer(cfg)
-    mixture = load_mixture(cfg, tokenizer, workdir)
+    tokenizer = load_tokenizer(data_settings(cfg))
+    mixture = load_mixture(data_settings(cfg), tokenizer, workdir)
     steps = int(b.get("steps", 0))
     if cfg.model.hf_path:
         init, hf_config = Path(cfg.model.hf_path), None
-        tok_dir = init if ckpt_lib.has_tokenizer(init) else Path(tokenizer_dir(cfg))
+        tok_dir = init if ckpt_lib.has_tokenizer(init) else Path(tokenizer_dir(data_settings(cfg)))
     else:
         hf_config = tiny_config(cfg, tokenizer)
         init = _random_model(cfg, hf_config, settings, mesh)
-        tok_dir = Path(tokenizer_dir(cfg))
+        tok_dir = Path(tokenizer_dir(data_settings(cfg)))
     info = {"basin.json": {"steps": steps, "start": str(cfg.model.hf_path or "random tiny model"),
                            "tasks": mixture.names, "seed": int(cfg.get("seed", 0))}}
     if steps <= 0:  # θ⁰ is the start itself, re-saved so that it carries its config and tokenizer

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from merit_jax.config import data_settings
 from merit_jax import checkpoint, diagnostics, merge
 from merit_jax import workdir as wd
 from merit_jax.data import packing
@@ -51,7 +52,7 @@ def baseline_config(cfg, workdir: pathlib.Path, name: str):
         sub.basin.enabled = False
         if not cfg.data.path and not list(cfg.data.tasks):  # share the main run's generated mixture
             from merit_jax.data.sources import synthetic_dir
-            sub.data.path = str(synthetic_dir(cfg, workdir).absolute())
+            sub.data.path = str(synthetic_dir(data_settings(cfg), workdir).absolute())
         sub.split.method = {"joint": "none", "joint2": "none"}.get(name, name)
         if name == "joint2":
             sub.train.epochs = 2 * cfg.train.epochs
@@ -252,12 +253,12 @@ def run(cfg, workdir: pathlib.Path) -> dict:
         alignment_diagnostic(cfg, workdir)
         return wd.read_json(out_file)
     models = models_to_evaluate(cfg, workdir)
-    tokenizer = load_tokenizer(cfg)
-    mixture = load_mixture(cfg, tokenizer, workdir)
+    tokenizer = load_tokenizer(data_settings(cfg))
+    mixture = load_mixture(data_settings(cfg), tokenizer, workdir)
     template = load_model(models["theta0"])
     ev = Evaluator(template, mixture, tokenizer, max_len=cfg.data.max_len,
                    batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens,
-                   make_images=row_images_for(cfg, template), logits_chunk=int(cfg.model.get("logits_chunk", 0)))
+                   make_images=row_images_for(data_settings(cfg), template), logits_chunk=int(cfg.model.get("logits_chunk", 0)))
     results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()},
                "data": {"records": mixture.stats["records"], "truncated": mixture.stats["truncated"],
                         "skipped": mixture.stats["skipped"], "max_len": int(cfg.data.max_len),
@@ -305,7 +306,7 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     need, budget = alignment.basis_bytes(n_params, k), int(e.get("hessian_max_bytes", 4 << 30))
     why = ("the split did not cut along principal axes (split.method is not merit)"
            if partition.get("method") != "merit" or not partition.get("depth") else
-           "Qwen2.5-VL calibration batches carry images; text models only for now" if is_vl_run(cfg) else
+           "Qwen2.5-VL calibration batches carry images; text models only for now" if is_vl_run(data_settings(cfg)) else
            f"the Lanczos basis would take {need / 2**30:.1f} GiB for {n_params:,} parameters, over "
            f"evaluate.hessian_max_bytes={budget / 2**30:.1f} GiB (narrow extract.include)" if need > budget else None)
     if why:
@@ -314,7 +315,7 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
         return {"skipped": why}
     start = time.time()
     if mixture is None:
-        mixture = load_mixture(cfg, load_tokenizer(cfg), workdir)
+        mixture = load_mixture(data_settings(cfg), load_tokenizer(data_settings(cfg)), workdir)
     tasks = [mixture.tasks[t["name"]].calib for t in record["tasks"]]
     cos = np.load(wd.split_dir(workdir) / "cosine.npy")
     # global axes: level l cut along axis l; local axes: only the first cut is along a global one

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from merit_jax.config import data_settings
 from merit_jax import sketch as sk
 from merit_jax.config import GRADIENT_PATHS, PER_EXAMPLE, ExtractOptions, extract_options, mesh_for  # noqa: F401
 from merit_jax import workdir as wd
@@ -494,8 +495,8 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     mesh = mesh_for(cfg)
     model = load_model(theta, mesh=mesh, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                        remat=cfg.model.get("remat", "none"), attention=cfg.model.get("attention", "xla"))
-    tokenizer = load_tokenizer(cfg)
-    mixture = load_mixture(cfg, tokenizer, workdir)
+    tokenizer = load_tokenizer(data_settings(cfg))
+    mixture = load_mixture(data_settings(cfg), tokenizer, workdir)
     names = select_params(list(P.flatten(model)), list(e.include), list(e.exclude))
     extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=_xla_options(e))
 
@@ -621,7 +622,7 @@ def _calibration_images(cfg, model, mixture, with_reference: bool = False):
     model, sized once for all of them (one compilation per sequence bucket); (None, {}) for text models."""
     from merit_jax.data.vision import row_images_for
 
-    make = row_images_for(cfg, model)
+    make = row_images_for(data_settings(cfg), model)
     if make is None:
         return None, {}
     examples, first = [], {}

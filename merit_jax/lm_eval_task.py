@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from merit_jax.config import data_settings
 
 TASK_NAME = "merit_heldout"
 
@@ -94,8 +95,8 @@ def run_cli(argv, write) -> None:
         cfg = config.value
         wdir = pathlib.Path(workdir.value or cfg.workdir).absolute()
         try:
-            tokenizer = load_tokenizer(cfg)
-            print(write(cfg, wdir, tokenizer, load_mixture(cfg, tokenizer, wdir)))
+            tokenizer = load_tokenizer(data_settings(cfg))
+            print(write(cfg, wdir, tokenizer, load_mixture(data_settings(cfg), tokenizer, wdir)))
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -22,6 +22,7 @@ import pathlib
 import re
 import shutil
 
+from merit_jax.config import data_settings
 from merit_jax.lm_eval_task import heldout, prompt_text, run_cli, stop_token, write_docs
 
 TASK_NAME = "merit_heldout_vl"
@@ -140,11 +141,11 @@ def _write(cfg, wdir, tokenizer, mixture) -> str:
     from merit_jax.data import sources as src
     from merit_jax.data.vision import is_vl_run, processor_for
 
-    if not is_vl_run(cfg):
+    if not is_vl_run(data_settings(cfg)):
         raise ValueError("not a Qwen2.5-VL run: its held-out task for lm-evaluation-harness is written by "
                          "`python -m merit_jax.lm_eval_task`")
-    processor = processor_for(cfg)
-    records = src.iter_records(src.resolve(cfg, wdir)[0], cfg.data.get("image_root", ""))
+    processor = processor_for(data_settings(cfg))
+    records = src.iter_records(src.resolve(data_settings(cfg), wdir)[0], cfg.data.get("image_root", ""))
     yaml = write_task(heldout(mixture), records, tokenizer, processor.patch_size, wdir / "lmms_eval",
                       max_new_tokens=cfg.evaluate.max_new_tokens)
     return (f"wrote {yaml}\npython -m lmms_eval --model qwen2_5_vl --model_args {model_args(wdir / 'hf', processor)} "

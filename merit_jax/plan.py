@@ -29,6 +29,7 @@ if __name__ == "__main__":  # planning needs none of this machine's accelerators
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from merit_jax.config import data_settings
 from merit_jax import hardware  # noqa: E402
 from merit_jax.plan_programs import PROGRAMS, PlanError  # noqa: E402
 
@@ -56,7 +57,7 @@ def hf_config_of(cfg) -> dict:
         return read_config(cfg.model.hf_path)
     from merit_jax.basin import tiny_config
     from merit_jax.data.mixture import load_tokenizer
-    return tiny_config(cfg, load_tokenizer(cfg))
+    return tiny_config(cfg, load_tokenizer(data_settings(cfg)))
 
 
 def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks: int | None = None,
@@ -180,11 +181,11 @@ def _size_from_data(cfg, s, k: int, workdir) -> dict:
     from merit_jax.data.pipeline import num_train_steps
 
     try:
-        tokenizer = load_tokenizer(cfg)
+        tokenizer = load_tokenizer(data_settings(cfg))
     except (OSError, ValueError) as e:
         raise PlanError(f"reading the data needs the model's tokenizer (configs/arch holds none): set "
                         f"data.tokenizer, or pass --tokens / --tasks ({e})") from None
-    mixture = load_mixture(cfg, tokenizer, None)
+    mixture = load_mixture(data_settings(cfg), tokenizer, None)
     kw = dict(seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed, num_epochs=float(s.epochs))
     joint = num_train_steps(mixture.train_examples(), **kw)
     names = mixture.names

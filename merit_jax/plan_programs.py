@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from merit_jax.config import data_settings
 from merit_jax import train
 from merit_jax.models import params as P
 from merit_jax.models.inputs import batch_keys
@@ -86,7 +87,7 @@ def image_budget(cfg, vl_config, seq_len: int, images_per_row: int | None = None
     from merit_jax.models.vision_layout import layout_sizes, stacked_layouts
 
     vcfg = vl_config.vision
-    processor = processor_for(cfg)
+    processor = processor_for(data_settings(cfg))
     side = math.isqrt(int(processor.size["longest_edge"]))
     grid = image_grid(processor, side, side)
     tokens = grid[0] * grid[1] * grid[2] // vcfg.merge_unit

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from merit_jax.config import data_settings
 from merit_jax import checkpoint as ckpt_lib
 from merit_jax.config import (DEFAULT_NO_DECAY, OPTIMIZERS, SCHEDULES, TrainSettings, mesh_for,  # noqa: F401
                               train_settings)
@@ -581,7 +582,7 @@ def train_model(cfg, init, examples: Sequence, out_dir, *, heldout: Mapping[str,
         log.info("train: process %d of %d feeds data shard %d of %d (%d of the %d rows of each global batch)",
                  jax.process_index(), jax.process_count(), shard_index, shard_count, s.batch_size // shard_count,
                  s.batch_size)
-        make_images = row_images_for(cfg, model)
+        make_images = row_images_for(data_settings(cfg), model)
         iterator = make_train_iterator(list(examples), seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
                                        num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
                                        images=make_images(list(examples)) if make_images else None,
@@ -753,7 +754,7 @@ def task_data_config(cfg, workdir: Path, tasks: Sequence[str]):
         with cfg.unlocked():
             cfg.data.tasks = [dict(e) for e in entries if e["name"] in set(wanted)]
         return cfg, True
-    sources, _ = src.resolve(cfg, workdir)
+    sources, _ = src.resolve(data_settings(cfg), workdir)
     files = {p.stem: p for s in sources for p in src.expand(s.path)}
     if all(t in files for t in wanted):
         with cfg.unlocked():
@@ -769,7 +770,7 @@ def load_branch_data(cfg, workdir: Path, tasks: Sequence[str] | None):
     (tasks=None: every task of the mixture, i.e. joint training)."""
     from merit_jax.data.mixture import load_mixture, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(data_settings(cfg))
     if tasks is None:
         # Sources resolved against WORKDIR (the synthetic mixture lives there), but no workdir for the loader:
         # the mixture's token-count cache in WORKDIR/data is another stage's to write.
@@ -777,15 +778,15 @@ def load_branch_data(cfg, workdir: Path, tasks: Sequence[str] | None):
         if not data_cfg.data.get("tasks"):
             from merit_jax.data.sources import resolve
             with data_cfg.unlocked():
-                data_cfg.data.path = str(resolve(cfg, workdir)[0][0].path)
-        mixture = load_mixture(data_cfg, tokenizer, None)
+                data_cfg.data.path = str(resolve(data_settings(cfg), workdir)[0][0].path)
+        mixture = load_mixture(data_settings(data_cfg), tokenizer, None)
         tasks = mixture.names
     else:
         data_cfg, isolated = task_data_config(cfg, workdir, tasks)
         if not isolated:
             log.warning("train: the data files are not one per task, so the whole mixture is parsed and only "
                         "tasks %s are kept", list(tasks))
-        mixture = load_mixture(data_cfg, tokenizer, None)
+        mixture = load_mixture(data_settings(data_cfg), tokenizer, None)
     missing = sorted(set(tasks) - set(mixture.names))
     if missing:
         raise ConfigError(f"the partition names task(s) {missing} that the data does not contain "
@@ -832,5 +833,5 @@ def run(cfg, workdir: Path, branch: int | None = None, *, hooks: Sequence[Callab
         from merit_jax.data.sources import tokenizer_dir
         out[k] = train_model(cfg, theta0, train, wd.branch_dir(workdir, k), heldout=heldout, settings=settings,
                              mesh=mesh, extra_json=info, hooks=hooks,
-                             tokenizer_dir=theta0 if ckpt_lib.has_tokenizer(theta0) else tokenizer_dir(cfg)).final_dir
+                             tokenizer_dir=theta0 if ckpt_lib.has_tokenizer(theta0) else tokenizer_dir(data_settings(cfg))).final_dir
     return out

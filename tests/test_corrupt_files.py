@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from merit_jax.config import data_settings
 from merit_jax import checkpoint, merge
 from merit_jax import workdir as wd
 from merit_jax.convert.__main__ import main as convert_main
@@ -103,7 +104,7 @@ def test_damaged_tokenizer_is_named(broken):
 
     cfg = ConfigDict({"data": {"tokenizer": str(broken), "path": ""}, "model": {"hf_path": str(broken)}})
     with pytest.raises(InputFileError, match=rf"{broken}: cannot read this tokenizer directory"):
-        load_tokenizer(cfg)
+        load_tokenizer(data_settings(cfg))
 
 
 # ------------------------------------------------------------------------------ merit_jax checkpoints

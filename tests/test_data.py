@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from merit_jax.config import data_settings
 from merit_jax.data import mixture as mx
 from merit_jax.data import synthetic
 from merit_jax.data.records import DataError
@@ -26,7 +27,7 @@ def data_cfg(path="", tasks=(), n_calib=4, **over):
     d = dict(path=str(path), tasks=list(tasks), tokenizer="", image_root="", max_len=64, truncation="left",
              heldout_fraction=0.25, heldout_max=8, seed=0, synthetic=dict(seed=0, examples_per_task=24))
     d.update(over)
-    return ml_collections.ConfigDict(dict(data=d, model=dict(hf_path=""), extract=dict(n_calib=n_calib)))
+    return data_settings(ml_collections.ConfigDict(dict(data=d, model=dict(hf_path=""), extract=dict(n_calib=n_calib))))
 
 
 def write_jsonl(path, rows):

@@ -20,6 +20,7 @@ import pytest
 
 from tests.test_vl_pipeline import SMALL
 from tests.vl_fixtures import (MULTIMODAL_CHAT_TEMPLATE, RELEASE_SIZES, RELEASE_TASKS, multimodal_vl_tokenizer,
+from merit_jax.config import data_settings
                                write_vision_flan_release)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,11 +90,11 @@ def test_lmms_eval_answers_and_scores_the_export_like_our_evaluate_stage(bridged
 
     workdir, cfg, results, samples = bridged
     # the evaluate stage's Evaluator, as the stage builds it, on the merged model
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(data_settings(cfg))
     template = load_model(wd.theta0(cfg, workdir))
-    ev = Evaluator(template, load_mixture(cfg, tokenizer, None), tokenizer, max_len=cfg.data.max_len,
+    ev = Evaluator(template, load_mixture(data_settings(cfg), tokenizer, None), tokenizer, max_len=cfg.data.max_len,
                    batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens,
-                   make_images=row_images_for(cfg, template))
+                   make_images=row_images_for(data_settings(cfg), template))
     ours = ev.answers(load_flat(wd.merged_dir(workdir)))
     theirs = [s["filtered_resps"] for s in samples]
     assert len(theirs) == len(ev.heldout) == 12
@@ -142,12 +143,12 @@ def test_lmms_eval_feeds_the_model_our_prompt_tokens_and_pixels(bridged, tmp_pat
     from merit_jax.lm_eval_task import heldout
 
     workdir, cfg, _, _ = bridged
-    processor = V.processor_for(cfg)
+    processor = V.processor_for(data_settings(cfg))
     bounds = [str(processor.size["shortest_edge"]), str(processor.size["longest_edge"])]
     _run([str(EVAL_PYTHON), "-c", _LMMS_INPUTS, str(workdir / "lmms_eval"), str(workdir / "hf"), *bounds,
           str(tmp_path / "inputs.npz")], env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     theirs = np.load(tmp_path / "inputs.npz")
-    held = heldout(load_mixture(cfg, load_tokenizer(cfg), None))
+    held = heldout(load_mixture(data_settings(cfg), load_tokenizer(data_settings(cfg)), None))
     assert any(np.prod(_size(ex.image)) > cfg.data.image_max_pixels for _, ex in held)  # the 150x200 one
     for i, (_, ex) in enumerate(held):
         np.testing.assert_array_equal(theirs[f"ids{i}"], ex.input_ids[:ex.prompt_len])
@@ -190,9 +191,9 @@ def test_the_writer_refuses_a_chat_template_that_would_show_lmms_eval_another_pr
     cfg.data.synthetic.examples_per_task = 12
     cfg.data.tokenizer = str(multimodal_vl_tokenizer(tmp_path / "tokenizer"))
     (tmp_path / "tokenizer" / "chat_template.jinja").write_text(template)
-    tokenizer = load_tokenizer(cfg)
-    held = heldout(load_mixture(cfg, tokenizer, tmp_path))
-    records = src.iter_records(src.resolve(cfg, tmp_path)[0])
+    tokenizer = load_tokenizer(data_settings(cfg))
+    held = heldout(load_mixture(data_settings(cfg), tokenizer, tmp_path))
+    records = src.iter_records(src.resolve(data_settings(cfg), tmp_path)[0])
     with pytest.raises(ValueError, match=error) as e:
         write_task(held, records, tokenizer, 14, tmp_path / "lmms_eval")
     assert "annotation.json [record" in str(e.value) or "task 'brighter_side'" in str(e.value)

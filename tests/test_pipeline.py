@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from merit_jax.config import data_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_COMPILE = "--xla_backend_optimization_level=0"
@@ -151,8 +152,8 @@ def test_lm_evaluation_harness_scores_the_export_like_we_do(default_run):
     spec.loader.exec_module(module)
     cfg = module.get_config()
     cfg.data.synthetic.examples_per_task = 48
-    tokenizer = load_tokenizer(cfg)
-    mixture = load_mixture(cfg, tokenizer, default_run)
+    tokenizer = load_tokenizer(data_settings(cfg))
+    mixture = load_mixture(data_settings(cfg), tokenizer, default_run)
     yaml = write_task(mixture, tokenizer, default_run / "lm_eval", max_new_tokens=6)
     limit = 12
     out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(default_run / "hf")},

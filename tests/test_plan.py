@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from merit_jax.config import data_settings
 from merit_jax import config
 from merit_jax import hardware, plan, train
 from merit_jax.plan_programs import dot_flops
@@ -122,7 +123,7 @@ def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
 
     s = config.train_settings(cfg)
     mesh = train.mesh_for(cfg)
-    hf = tiny_config(cfg, load_tokenizer(cfg))
+    hf = tiny_config(cfg, load_tokenizer(data_settings(cfg)))
     make = model_factory(hf, dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat)
     model = train.SplitModel(nnx.eval_shape(make))
     fns = train.build_step_functions(model, s, num_steps=10, mesh=mesh)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from merit_jax.config import data_settings
 from merit_jax import config
 from merit_jax import basin, checkpoint, train
 from merit_jax import workdir as wd
@@ -206,7 +207,7 @@ def test_basin_writes_a_self_describing_theta0(stage_run):
     hf = read_config(theta0)
     from merit_jax.data.mixture import load_tokenizer
 
-    tok = load_tokenizer(stage_run["cfg"])
+    tok = load_tokenizer(data_settings(stage_run["cfg"]))
     assert hf["vocab_size"] % 128 == 0 and len(tok) <= hf["vocab_size"] < len(tok) + 128
     assert hf["eos_token_id"] == tok.eos_token_id and hf["hidden_size"] == 32
     assert (theta0 / "tokenizer.json").is_file() and (theta0 / "tokenizer_config.json").is_file()

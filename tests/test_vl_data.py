@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from merit_jax.config import data_settings
 from merit_jax.data import synthetic
 from merit_jax.data import vision as V
 from merit_jax.data.packing import plan_rows
@@ -184,7 +185,7 @@ def test_tiny_vl_config_trains_with_the_vision_tower_frozen(setup):
 def test_image_tokens_must_match_images(setup):
     """In a VL run every record goes through ImageEncoding: image tokens typed into a record without an image
     are an error naming it; a row whose image tokens do not match its images is refused before the model."""
-    encoding = V.ImageEncoding(setup["cfg"], setup["tokenizer"])
+    encoding = V.ImageEncoding(data_settings(setup["cfg"]), setup["tokenizer"])
     text = Record("color", [{"role": "user", "content": "what is <|image_pad|>?"},
                             {"role": "assistant", "content": "red"}], None, "mix.json [record 9]")
     with pytest.raises(V.ImageError, match=r"mix.json \[record 9\]: 1 image placeholder\(s\) in the text for 0"):

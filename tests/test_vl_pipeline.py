@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers
 
+from merit_jax.config import data_settings
 from merit_jax import checkpoint
 from merit_jax.data import packing
 from merit_jax.data import vision as V
@@ -91,9 +92,9 @@ def calib(vl_run):
     """θ⁰ and a few calibration examples of the run, with the run's image processor."""
     workdir, cfg = vl_run
     model = load_model(workdir / "basin")
-    mixture = load_mixture(cfg, load_tokenizer(cfg), None)
+    mixture = load_mixture(data_settings(cfg), load_tokenizer(data_settings(cfg)), None)
     examples = [ex for t in mixture.tasks.values() for ex in t.calib[:2]]
-    return model, examples, V.row_images_for(cfg, model)(examples)
+    return model, examples, V.row_images_for(data_settings(cfg), model)(examples)
 
 
 def test_per_row_images_equal_the_flat_image_batch(calib):
@@ -150,9 +151,9 @@ def test_generation_compiles_once_for_held_out_batches_of_different_images(vl_ru
 
     workdir, cfg = vl_run
     model, _, _ = calib
-    tokenizer = load_tokenizer(cfg)
-    ev = Evaluator(model, load_mixture(cfg, tokenizer, None), tokenizer, max_len=cfg.data.max_len, batch=1,
-                   max_new_tokens=3, make_images=V.row_images_for(cfg, model))
+    tokenizer = load_tokenizer(data_settings(cfg))
+    ev = Evaluator(model, load_mixture(data_settings(cfg), tokenizer, None), tokenizer, max_len=cfg.data.max_len, batch=1,
+                   max_new_tokens=3, make_images=V.row_images_for(data_settings(cfg), model))
     assert len({ex.image_grid_thw.tobytes() for _, ex in ev.heldout}) >= 2  # batches of different image sizes
     before = _generate_vl._cache_size()
     calls, generate = [], ev._generate

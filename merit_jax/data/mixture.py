@@ -1,7 +1,7 @@
 """The task mixture: tokenised examples per task, held-out and calibration splits, supervised token counts.
 
-    tokenizer = load_tokenizer(cfg)
-    mixture = load_mixture(cfg, tokenizer, workdir)
+    tokenizer = load_tokenizer(data)            # data: config.DataSettings
+    mixture = load_mixture(data, tokenizer, workdir)
     mixture.tasks["reverse"].train / .heldout / .calib / .train_tokens / .family
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 import merit_jax.data.sources as src
+from merit_jax.config import DataSettings
 from merit_jax.data.records import DataError
 from merit_jax.errors import reading
 from merit_jax.data.tokenize import ChatEncoder, Example, truncate
@@ -58,23 +59,22 @@ class Mixture:
         return {name: t.train_tokens for name, t in self.tasks.items()}
 
 
-def load_tokenizer(cfg):
-    """AutoTokenizer from cfg.data.tokenizer, else cfg.model.hf_path, else the synthetic mixture's."""
+def load_tokenizer(data: DataSettings):
+    """AutoTokenizer from data.tokenizer, else model.hf_path, else the synthetic mixture's."""
     from transformers import AutoTokenizer
 
-    path = src.tokenizer_dir(cfg)
+    path = src.tokenizer_dir(data)
     with reading(path, "tokenizer directory"):
         return AutoTokenizer.from_pretrained(path)
 
 
-def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
-    """Reads, tokenises, truncates and splits every task of cfg.data; writes the token-count cache."""
-    d = cfg.data
-    max_len, mode = int(d.max_len), d.get("truncation", "left")
-    sources, families = src.resolve(cfg, workdir)
-    vl = is_vl_run(cfg)
+def load_mixture(data: DataSettings, tokenizer, workdir=None) -> Mixture:
+    """Reads, tokenises, truncates and splits every task of `data`; writes the token-count cache."""
+    max_len, mode = int(data.max_len), data.truncation
+    sources, families = src.resolve(data, workdir)
+    vl = is_vl_run(data)
     encoder = ChatEncoder(tokenizer, images=vl)
-    images = ImageEncoding(cfg, tokenizer) if vl else None
+    images = ImageEncoding(data, tokenizer) if vl else None
     by_task = collections.defaultdict(list)  # task -> [(record index in task, Example)]
     stats = {k: collections.Counter() for k in ("records", "truncated", "skipped")}
 
@@ -91,7 +91,7 @@ def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
             stats["records"][r.task] += 1
 
     buffer = []
-    records = src.iter_records(sources, d.get("image_root", ""))
+    records = src.iter_records(sources, data.image_root)
     for record in tqdm(records, desc="tokenise", unit=" records", mininterval=5, leave=False):
         buffer.append(record)
         if len(buffer) == _CHUNK:
@@ -104,33 +104,32 @@ def load_mixture(cfg, tokenizer, workdir=None) -> Mixture:
         if not by_task[name]:
             raise DataError(f"task '{name}': all {stats['records'][name]} examples were skipped by the truncation "
                             f"rule (data.max_len={max_len}, data.truncation={mode})")
-        tasks[name] = _split_task(name, by_task[name], stats["records"][name], cfg, families.get(name))
+        tasks[name] = _split_task(name, by_task[name], stats["records"][name], data, families.get(name))
     _log_stats(stats, max_len, mode)
-    n_calib = int(cfg.get("extract", {}).get("n_calib", 200))
+    n_calib = int(data.n_calib)
     short = {name: len(t.calib) for name, t in tasks.items() if len(t.calib) < n_calib}
     if short:
         log.warning("%d tasks have fewer training examples than extract.n_calib=%d and calibrate on all they "
                     "have: %s", len(short), n_calib, short)
     stats = {k: dict(sorted(v.items())) for k, v in stats.items()}
-    mixture = Mixture(tasks, stats, fingerprint(cfg, tokenizer, sources))
+    mixture = Mixture(tasks, stats, fingerprint(data, tokenizer, sources))
     if workdir is not None:
         _write_counts(workdir, mixture)
     return mixture
 
 
-def _split_task(name, indexed, n_records, cfg, family):
+def _split_task(name, indexed, n_records, data: DataSettings, family):
     """Held-out = a seeded draw of record indices (independent of tokenizer and max_len); calib from train."""
-    d, seed = cfg.data, int(cfg.data.get("seed", 0))
-    fraction = float(d.get("heldout_fraction", 0.1))
-    n_held = min(int(d.get("heldout_max", 64)), math.floor(fraction * n_records + 1e-9), n_records - 1)
+    seed = int(data.seed)
+    fraction = float(data.heldout_fraction)
+    n_held = min(int(data.heldout_max), math.floor(fraction * n_records + 1e-9), n_records - 1)
     task_key = zlib.crc32(name.encode())
     held = set(np.random.default_rng([seed, task_key, 0]).permutation(n_records)[:n_held].tolist())
     train = [ex for i, ex in indexed if i not in held]
     heldout = [ex for i, ex in indexed if i in held]
     if not train:
         raise DataError(f"task '{name}': no training example left after the held-out split and truncation")
-    extract = cfg.get("extract", {})
-    n_calib, n_reference = int(extract.get("n_calib", 200)), int(extract.get("stability_reference", 0))
+    n_calib, n_reference = int(data.n_calib), int(data.stability_reference)
     order = np.random.default_rng([seed, task_key, 1]).permutation(len(train))
     calib = [train[i] for i in sorted(order[:n_calib].tolist())]  # the same whatever stability_reference is
     reference = [train[i] for i in sorted(order[n_calib:n_calib + n_reference].tolist())]
@@ -146,14 +145,14 @@ def _log_stats(stats, max_len, mode):
                         dict(stats[action]))
 
 
-def fingerprint(cfg, tokenizer, sources) -> str:
+def fingerprint(data: DataSettings, tokenizer, sources) -> str:
     """Hash of what the token counts depend on: source files (path, size, mtime), tokenizer, rules."""
     h = hashlib.sha256()
-    d = cfg.data
-    rules = dict(version=_VERSION, max_len=int(d.max_len), truncation=d.get("truncation", "left"),
-                 heldout_fraction=float(d.get("heldout_fraction", 0.1)), heldout_max=int(d.get("heldout_max", 64)),
-                 seed=int(d.get("seed", 0)), image_root=str(d.get("image_root", "")),
-                 image_pixels=[int(d.get("image_min_pixels", 0)), int(d.get("image_max_pixels", 0))])
+    d = data
+    rules = dict(version=_VERSION, max_len=int(d.max_len), truncation=d.truncation,
+                 heldout_fraction=float(d.heldout_fraction), heldout_max=int(d.heldout_max),
+                 seed=int(d.seed), image_root=str(d.image_root),
+                 image_pixels=[int(d.image_min_pixels), int(d.image_max_pixels)])
     h.update(json.dumps(rules, sort_keys=True).encode())
     for s in sources:
         h.update(f"{s.path.resolve()}|{s.task}".encode())
@@ -162,9 +161,9 @@ def fingerprint(cfg, tokenizer, sources) -> str:
                 st = f.stat()
                 h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
-    if is_vl_run(cfg):  # image token counts follow the processor's resize rules
+    if is_vl_run(data):  # image token counts follow the processor's resize rules
         from merit_jax.data.vision import processor_for
-        h.update(json.dumps(processor_for(cfg).to_dict(), sort_keys=True, default=str).encode())
+        h.update(json.dumps(processor_for(data).to_dict(), sort_keys=True, default=str).encode())
     h.update(str(tokenizer.chat_template).encode())
     return h.hexdigest()
 
@@ -182,10 +181,10 @@ def _write_counts(workdir, mixture):
     tmp.replace(path)
 
 
-def train_token_counts(cfg, tokenizer, workdir) -> dict[str, int]:
+def train_token_counts(data: DataSettings, tokenizer, workdir) -> dict[str, int]:
     """{task: supervised train tokens}, from WORKDIR/data/ when cached for these sources, tokenizer and rules."""
-    sources, _ = src.resolve(cfg, workdir)
-    path = _counts_path(workdir, fingerprint(cfg, tokenizer, sources))
+    sources, _ = src.resolve(data, workdir)
+    path = _counts_path(workdir, fingerprint(data, tokenizer, sources))
     if path.exists():
         return json.loads(path.read_text())["train_tokens"]
-    return load_mixture(cfg, tokenizer, workdir).train_tokens()
+    return load_mixture(data, tokenizer, workdir).train_tokens()

@@ -1,4 +1,4 @@
-"""Where a mixture's records come from: cfg.data.tasks, cfg.data.path, or the generated synthetic mixture.
+"""Where a mixture's records come from: data.tasks, data.path, or the generated synthetic mixture.
 
 Task names: a record's `task` (or `task_name`) field, else its file's stem (a directory's name for a
 `save_to_disk` dir). A task named by a file's stem must come from that file alone; a task named in its
@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 
 import merit_jax.data.records as rec
+from merit_jax.config import DataSettings
 import merit_jax.data.synthetic as synthetic
 import merit_jax.data.synthetic_vl as synthetic_vl
 from merit_jax.workdir import read_json
@@ -27,9 +28,9 @@ class Source:
     task: str | None = None  # set for data.tasks entries: only this task is taken from `path`
 
 
-def synthetic_dir(cfg, workdir=None) -> pathlib.Path:
-    """The synthetic mixture for cfg.data.synthetic, generated once into WORKDIR/data/ (a temp dir without one)."""
-    syn = cfg.data.get("synthetic", {})
+def synthetic_dir(data: DataSettings, workdir=None) -> pathlib.Path:
+    """The synthetic mixture for data.synthetic, generated once into WORKDIR/data/ (a temp dir without one)."""
+    syn = data.synthetic
     seed, n = syn.get("seed", 0), syn.get("examples_per_task", 240)
     if syn.get("kind", "text") == "vl":  # the image-task mixture of configs/tiny_vl.py
         base = pathlib.Path(workdir) / "data" if workdir is not None else pathlib.Path(tempfile.mkdtemp())
@@ -45,19 +46,19 @@ def synthetic_dir(cfg, workdir=None) -> pathlib.Path:
     return out
 
 
-def tokenizer_dir(cfg) -> str:
-    """cfg.data.tokenizer, else the model's directory, else the shipped synthetic (or synthetic VL) tokenizer."""
-    given = cfg.data.get("tokenizer", "") or cfg.model.get("hf_path", "")
+def tokenizer_dir(data: DataSettings) -> str:
+    """data.tokenizer, else the model's directory, else the shipped synthetic (or synthetic VL) tokenizer."""
+    given = data.tokenizer or data.model_path
     if given:
         return given
-    if cfg.data.get("synthetic", {}).get("kind", "text") == "vl":
+    if data.synthetic.get("kind", "text") == "vl":
         return str(synthetic_vl.VL_TOKENIZER_DIR)
     return str(synthetic.TOKENIZER_DIR)
 
 
-def resolve(cfg, workdir=None) -> tuple[list[Source], dict[str, str]]:
-    """(sources, {task: family}) for a config; families come from families.json or data.tasks entries."""
-    entries = list(cfg.data.get("tasks", []) or [])
+def resolve(data: DataSettings, workdir=None) -> tuple[list[Source], dict[str, str]]:
+    """(sources, {task: family}); families come from families.json or data.tasks entries."""
+    entries = list(data.tasks)
     if entries:
         names = [e["name"] for e in entries]
         dups = sorted({n for n in names if names.count(n) > 1})
@@ -68,7 +69,7 @@ def resolve(cfg, workdir=None) -> tuple[list[Source], dict[str, str]]:
             raise rec.DataError(f"data.tasks: task file(s) do not exist: {absent}")
         sources = [Source(pathlib.Path(e["path"]), e["name"]) for e in entries]
         return sources, {e["name"]: e["family"] for e in entries if e.get("family")}
-    path = pathlib.Path(cfg.data.get("path", "") or synthetic_dir(cfg, workdir))
+    path = pathlib.Path(data.path or synthetic_dir(data, workdir))
     if not path.exists():
         raise rec.DataError(f"{path}: data.path does not exist")
     families_file = path / "families.json"

@@ -6,7 +6,7 @@ How the pieces fit (the lead wires them into the mixture / extract / train stage
 
     processor = image_processor(model_dir, min_pixels=..., max_pixels=...)
     examples = encode_vl_records(records, ChatEncoder(tokenizer), processor, image_token_id=...,
-                                 max_image_pixels=cfg.data.max_image_pixels)   # tokens expanded, lazily: no pixels
+                                 max_image_pixels=data.max_image_pixels)      # tokens expanded, lazily: no pixels
     ex, action = truncate_vl(ex, max_len, mode, vision_ids)                    # never cuts through an image
     batch = vl_batch(examples, rows, seq_len, processor, vision=model.vl_config.vision, bucket=True)
     logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from merit_jax.config import DataSettings
 from merit_jax.data.records import DataError, Record
 from merit_jax.errors import reading
 from merit_jax.workdir import read_json
@@ -365,45 +366,45 @@ def build_vl_tokenizer(out_dir=VL_TOKENIZER_DIR) -> pathlib.Path:
     return pathlib.Path(out_dir)
 
 
-def processor_for(cfg):
+def processor_for(data: DataSettings):
     """The run's image processor: the preprocessor_config.json of model.hf_path, else of the tokenizer
     directory (transformers' defaults, with a warning, without one), resized within data.image_min_pixels /
     data.image_max_pixels when set."""
     from merit_jax.data.sources import tokenizer_dir
 
-    d = cfg.data
-    places = [p for p in (cfg.model.get("hf_path", ""), tokenizer_dir(cfg)) if p]
+    d = data
+    places = [p for p in (data.model_path, tokenizer_dir(data)) if p]
     found = next((p for p in places if (pathlib.Path(p) / "preprocessor_config.json").is_file()), None)
     if found is None:
         log.warning("no preprocessor_config.json in %s: transformers' default Qwen2-VL image processor settings",
                     places)
-    return image_processor(found, min_pixels=int(d.get("image_min_pixels", 0)) or None,
-                           max_pixels=int(d.get("image_max_pixels", 0)) or None)
+    return image_processor(found, min_pixels=int(d.image_min_pixels) or None,
+                           max_pixels=int(d.image_max_pixels) or None)
 
 
-def max_image_pixels_of(cfg) -> int:
+def max_image_pixels_of(data: DataSettings) -> int:
     """data.max_image_pixels (0 or unset: DEFAULT_MAX_IMAGE_PIXELS)."""
-    return int(cfg.data.get("max_image_pixels", 0) or DEFAULT_MAX_IMAGE_PIXELS)
+    return int(data.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
 
 
-def row_images_for(cfg, model):
+def row_images_for(data: DataSettings, model):
     """examples -> RowImages for a Qwen2.5-VL model (the run's processor and image size limit); None for a
     text model. What the train, extract and evaluate stages build their image inputs with."""
     vl = getattr(model, "vl_config", None)
     if vl is None:
         return None
-    processor = processor_for(cfg)
-    max_pixels = max_image_pixels_of(cfg)
+    processor = processor_for(data)
+    max_pixels = max_image_pixels_of(data)
     return lambda examples: RowImages(examples, processor, vl, max_pixels)
 
 
-def is_vl_run(cfg) -> bool:
+def is_vl_run(data: DataSettings) -> bool:
     """Whether the run's model is a Qwen2.5-VL: model.model_type for a random start, else the model_type in
     model.hf_path's config.json (decided by the model, not the tokenizer: Qwen2.5's text tokenizers hold the
     vision tokens too)."""
-    path = cfg.model.get("hf_path", "")
+    path = data.model_path
     if not path:
-        return cfg.model.get("model_type", "qwen2") == "qwen2_5_vl"
+        return data.model_type == "qwen2_5_vl"
     config = pathlib.Path(path) / "config.json"
     return config.is_file() and read_json(config).get("model_type") == "qwen2_5_vl"
 
@@ -413,10 +414,10 @@ class ImageEncoding:
     tokens without an image is an error naming it) and truncates it without cutting an image: the mixture's
     step for every record of a Qwen2.5-VL run."""
 
-    def __init__(self, cfg, tokenizer):
-        self.processor = processor_for(cfg)
+    def __init__(self, data: DataSettings, tokenizer):
+        self.processor = processor_for(data)
         self.ids = vision_token_ids(tokenizer)
-        self.max_image_pixels = max_image_pixels_of(cfg)
+        self.max_image_pixels = max_image_pixels_of(data)
 
     def __call__(self, ex: Example, where: str, max_len: int, mode: str):
         """(VLExample or None, "kept" | "truncated" | "skipped")."""
