@@ -9,15 +9,12 @@ dataclass (or the few values) it needs. This module imports no library code: eve
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import pathlib
 from typing import Any
 
 import jax
 from jax.sharding import Mesh
 
-from merit_jax import workdir as wd
 from merit_jax.errors import ConfigError, regex_errors
 from merit_jax.sharding import make_mesh
 
@@ -304,6 +301,7 @@ class Settings:
     """Every room's settings; only main.py and the stage drivers hold it whole."""
 
     seed: int
+    workdir: str
     model: ModelSettings
     mesh: MeshSettings
     data: DataSettings
@@ -315,10 +313,6 @@ class Settings:
     export: ExportSettings
     evaluate: EvaluateSettings
     plan: PlanSettings
-
-    def theta0(self, workdir: pathlib.Path) -> pathlib.Path:
-        """θ⁰: the basin stage's output when enabled, else the configured pretrained checkpoint."""
-        return wd.theta0_dir(workdir, basin=self.basin.enabled, hf_path=self.model.hf_path)
 
 
 # ------------------------------------------------------------------------------------- from the ConfigDict
@@ -435,7 +429,7 @@ def plan_settings(cfg) -> PlanSettings:
 
 def settings(cfg) -> Settings:
     """Every room's settings from the ConfigDict (run `validate` first for errors that name every bad key)."""
-    return Settings(seed=int(cfg.get("seed", 0)), model=model_settings(cfg), mesh=mesh_settings(cfg),
+    return Settings(seed=int(cfg.get("seed", 0)), workdir=str(cfg.get("workdir", "") or ""), model=model_settings(cfg), mesh=mesh_settings(cfg),
                     data=data_settings(cfg), basin=basin_settings(cfg), extract=extract_settings(cfg),
                     split=split_settings(cfg), train=train_settings(cfg), merge=merge_settings(cfg),
                     export=export_settings(cfg), evaluate=evaluate_settings(cfg), plan=plan_settings(cfg))
@@ -509,28 +503,3 @@ def _mesh_errors(cfg) -> list[str]:
     except ValueError as e:
         return [str(e)]
     return []
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def save_resolved(cfg, workdir: pathlib.Path) -> None:
-    """Writes WORKDIR/config.json; warns when it differs from the config the work directory was made with
-    (finished stages are skipped, so their outputs would not follow the change)."""
-    if jax.process_index() != 0:
-        return
-    path = pathlib.Path(workdir) / "config.json"
-    new = json.loads(cfg.to_json_best_effort())
-    if path.is_file():
-        old = _flat(json.loads(path.read_text()))
-        changed = {k: (old.get(k), v) for k, v in _flat(new).items() if old.get(k) != v and k != "workdir"}
-        if changed:
-            logging.getLogger("merit_jax").warning(
-                "config differs from the one %s was made with: %s. Finished stages are skipped and keep their "
-                "outputs; delete the outputs of the stages these keys affect to redo them.", workdir,
-                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
-    wd.write_json(path, new)

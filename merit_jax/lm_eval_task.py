@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-from merit_jax.config import data_settings
+
+from merit_jax.config import Settings, settings
 
 TASK_NAME = "merit_heldout"
 
@@ -81,7 +82,7 @@ def write_task(mixture, tokenizer, out_dir, *, max_new_tokens: int = 16, task: s
 
 
 def run_cli(argv, write) -> None:
-    """`python -m MODULE --config CONFIG --workdir W`: write(cfg, workdir, tokenizer, mixture) writes the task
+    """`python -m MODULE --config CONFIG --workdir W`: write(settings, workdir, tokenizer, mixture) writes the task
     and returns the command that scores the export with it, which is printed. Bad input: `error: ...`, exit 2."""
     from absl import app, flags
     from ml_collections import config_flags
@@ -92,11 +93,11 @@ def run_cli(argv, write) -> None:
     def run(_):
         from merit_jax.data.mixture import load_mixture, load_tokenizer
 
-        cfg = config.value
-        wdir = pathlib.Path(workdir.value or cfg.workdir).absolute()
+        s = settings(config.value)
+        wdir = pathlib.Path(workdir.value or s.workdir).absolute()
         try:
-            tokenizer = load_tokenizer(data_settings(cfg))
-            print(write(cfg, wdir, tokenizer, load_mixture(data_settings(cfg), tokenizer, wdir)))
+            tokenizer = load_tokenizer(s.data)
+            print(write(s, wdir, tokenizer, load_mixture(s.data, tokenizer, wdir)))
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -105,8 +106,8 @@ def run_cli(argv, write) -> None:
     app.run(run, argv=argv or sys.argv)
 
 
-def _write(cfg, wdir, tokenizer, mixture) -> str:
-    yaml = write_task(mixture, tokenizer, wdir / "lm_eval", max_new_tokens=cfg.evaluate.max_new_tokens)
+def _write(s: Settings, wdir, tokenizer, mixture) -> str:
+    yaml = write_task(mixture, tokenizer, wdir / "lm_eval", max_new_tokens=s.evaluate.max_new_tokens)
     return (f"wrote {yaml}\nlm_eval --model hf --model_args pretrained={wdir / 'hf'} "
             f"--include_path {yaml.parent} --tasks {TASK_NAME}")
 

@@ -22,7 +22,7 @@ import pathlib
 import re
 import shutil
 
-from merit_jax.config import data_settings
+from merit_jax.config import Settings
 from merit_jax.lm_eval_task import heldout, prompt_text, run_cli, stop_token, write_docs
 
 TASK_NAME = "merit_heldout_vl"
@@ -137,17 +137,17 @@ def model_args(hf_dir, processor) -> str:
             f"max_pixels={processor.size['longest_edge']}")
 
 
-def _write(cfg, wdir, tokenizer, mixture) -> str:
+def _write(s: Settings, wdir, tokenizer, mixture) -> str:
     from merit_jax.data import sources as src
     from merit_jax.data.vision import is_vl_run, processor_for
 
-    if not is_vl_run(data_settings(cfg)):
+    if not is_vl_run(s.data):
         raise ValueError("not a Qwen2.5-VL run: its held-out task for lm-evaluation-harness is written by "
                          "`python -m merit_jax.lm_eval_task`")
-    processor = processor_for(data_settings(cfg))
-    records = src.iter_records(src.resolve(data_settings(cfg), wdir)[0], cfg.data.get("image_root", ""))
+    processor = processor_for(s.data)
+    records = src.iter_records(src.resolve(s.data, wdir)[0], s.data.image_root)
     yaml = write_task(heldout(mixture), records, tokenizer, processor.patch_size, wdir / "lmms_eval",
-                      max_new_tokens=cfg.evaluate.max_new_tokens)
+                      max_new_tokens=s.evaluate.max_new_tokens)
     return (f"wrote {yaml}\npython -m lmms_eval --model qwen2_5_vl --model_args {model_args(wdir / 'hf', processor)} "
             f"--include_path {yaml.parent} --tasks {TASK_NAME} --batch_size 1 --output_path OUT")
 

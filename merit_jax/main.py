@@ -10,6 +10,8 @@ Each stage skips what it finds finished and resumes what it finds interrupted.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import logging
 import os
 import pathlib
@@ -41,7 +43,8 @@ def stages_to_run(cfg, stage: str) -> list[str]:
 
 
 def run_stage(name: str, cfg, workdir: pathlib.Path, branch: int | None = None) -> None:
-    module = importlib.import_module(f"merit_jax.{name}")
+    stage = f"merit_jax.stages.{name}"
+    module = importlib.import_module(stage if importlib.util.find_spec(stage) else f"merit_jax.{name}")
     kwargs = {"branch": branch} if name == "train" else {}
     start = time.time()
     log.info("stage %s: start", name)
@@ -52,6 +55,31 @@ def run_stage(name: str, cfg, workdir: pathlib.Path, branch: int | None = None) 
     if jax.process_index() == 0:  # one file per branch job: parallel branch jobs never race on one file
         key = name if branch is None else f"{name}-{branch}"
         wd.write_json(workdir / "timings" / f"{key}.json", {"stage": key, "seconds": round(time.time() - start, 2)})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def save_resolved(cfg, workdir: pathlib.Path) -> None:
+    """Writes WORKDIR/config.json; warns when it differs from the config the work directory was made with
+    (finished stages are skipped, so their outputs would not follow the change)."""
+    if jax.process_index() != 0:
+        return
+    path = pathlib.Path(workdir) / "config.json"
+    new = json.loads(cfg.to_json_best_effort())
+    if path.is_file():
+        old = _flat(json.loads(path.read_text()))
+        changed = {k: (old.get(k), v) for k, v in _flat(new).items() if old.get(k) != v and k != "workdir"}
+        if changed:
+            logging.getLogger("merit_jax").warning(
+                "config differs from the one %s was made with: %s. Finished stages are skipped and keep their "
+                "outputs; delete the outputs of the stages these keys affect to redo them.", workdir,
+                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
+    wd.write_json(path, new)
 
 
 def main(argv) -> int:
@@ -70,7 +98,7 @@ def main(argv) -> int:
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    config_lib.save_resolved(cfg, workdir)
+    save_resolved(cfg, workdir)
     try:
         for name in stages_to_run(cfg, _STAGE.value):
             run_stage(name, cfg, workdir, _BRANCH.value)

@@ -1,4 +1,4 @@
-"""The `report` stage: WORKDIR/report/report.md (tables + PNG pictures) and report/metrics.json (the same
+"""The report (the `report` stage's library: merit_jax/stages/report.py): WORKDIR/report/report.md (tables + PNG pictures) and report/metrics.json (the same
 numbers, machine-readable), from what the earlier stages wrote."""
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def results_table(results: dict) -> list[str]:
     return lines
 
 
-def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
+def write_report(workdir: pathlib.Path, settings: dict, merge_method: str) -> pathlib.Path:
+    """`settings`: the run's split / train / merge settings as plain dicts (recorded in metrics.json)."""
     workdir = pathlib.Path(workdir)
     out = wd.report_dir(workdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,11 +55,11 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
     partition = wd.read_partition(workdir)
     tasks = wd.read_tasks(wd.extract_dir(workdir) / "tasks.json")
     timings = wd.stage_timings(workdir)
-    metrics = {"config": {"split": cfg.split.to_dict(), "train": cfg.train.to_dict(), "merge": cfg.merge.to_dict()},
+    metrics = {"config": settings,
                "partition": partition, "results": results, "timings_s": timings}
     md = [f"# MERIT report: {workdir.name}", "",
           f"{len(tasks)} tasks, split `{partition['method']}` (depth {partition['depth']}) into "
-          f"{len(partition['groups'])} branch(es), merged with `{cfg.merge.method}`.", ""]
+          f"{len(partition['groups'])} branch(es), merged with `{merge_method}`.", ""]
 
     md += ["## Split", "", "| branch | tasks | supervised tokens | weight |", "|---|---|---|---|"]
     for k, (group, tok, w) in enumerate(zip(partition["groups"], partition["tokens"], partition["weights"])):

@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from merit_jax.config import data_settings
 from tests.test_vl_pipeline import SMALL
 from tests.vl_fixtures import (MULTIMODAL_CHAT_TEMPLATE, RELEASE_SIZES, RELEASE_TASKS, multimodal_vl_tokenizer,
-from merit_jax.config import data_settings
                                write_vision_flan_release)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from merit_jax.config import data_settings
 
 ROOT = Path(__file__).resolve().parents[1]
