@@ -153,11 +153,11 @@ def write_hf_dir(out: str | os.PathLike, specs: dict, tensors: Iterator[tuple[st
         writer.close()
         if tokenizer_dir:
             checkpoint.copy_tokenizer_files(tokenizer_dir, tmp)
-        cfg = dict(hf_cfg, dtype=dtype_name)
-        cfg.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        config = dict(hf_cfg, dtype=dtype_name)
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if not (tmp / "generation_config.json").exists():
-            gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+            gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         checkpoint.replace_dir(tmp, out)
     except BaseException:
@@ -185,11 +185,11 @@ def save_hf(model_or_flat, hf_cfg: dict, out: str | os.PathLike, *, dtype: str =
 
 def hf_to_orbax(hf_dir, out, overwrite: bool = False) -> Path:
     """A HF directory as a merit_jax checkpoint; tensors keep their stored dtype (a bf16 release stays bf16)."""
-    cfg = read_hf_config(hf_dir)
-    dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(cfg.get("dtype") or cfg.get("torch_dtype"),
-                                                               "float32")
+    hf_config = read_hf_config(hf_dir)
+    stored = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    dtype = stored if stored in ("bfloat16", "float16") else "float32"
     model = load_hf(hf_dir, dtype)
-    return checkpoint.save(out, P.flatten(model), cfg, tokenizer_dir=hf_dir, overwrite=overwrite)
+    return checkpoint.save(out, P.flatten(model), hf_config, tokenizer_dir=hf_dir, overwrite=overwrite)
 
 
 def orbax_to_hf(ckpt, out, dtype: str = "float32", max_shard_bytes: int = MAX_SHARD_BYTES,
