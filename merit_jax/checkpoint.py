@@ -31,7 +31,7 @@ from merit_jax.models.names import name_key
 if TYPE_CHECKING:
     import jax
 
-# jax and orbax are imported where they are used: a Hugging Face merge (merit_jax/merge.py) uses this
+# jax and orbax are imported where they are used: a Hugging Face merge (merit_jax/merging/) uses this
 # module's file helpers and should not pay seconds and ~150 MiB of resident memory for importing them.
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def _temp_dir_for(path: pathlib.Path) -> pathlib.Path:
     return path.parent / f".{path.name}.merit_jax-tmp"
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
+def fsync_dir(path: pathlib.Path) -> None:
+    """Makes the entries of directory `path` (files created or renamed in it) durable; best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -261,7 +262,7 @@ def _finish(tmp: pathlib.Path, path: pathlib.Path, hf_config, tokenizer_dir, ext
             write_json_atomic(tmp / name, obj)
         # The marker goes last: its presence is what makes a directory a checkpoint.
         write_json_atomic(tmp / MARKER_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION})
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     _sync(f"merit_jax.checkpoint.save.written:{path}")
     if _is_primary():
         replace_dir(tmp, path)
@@ -417,7 +418,7 @@ def replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -25,7 +25,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from merit_jax.config import data_settings
-from merit_jax import checkpoint, diagnostics, merge
+from merit_jax import checkpoint, diagnostics
+from merit_jax import merging as merge  # the merge library (merge_checkpoints, MERGE_INFO_FILE)
 from merit_jax import workdir as wd
 from merit_jax.data import packing
 from merit_jax.data.mixture import load_mixture, load_tokenizer
@@ -62,7 +63,8 @@ def baseline_config(cfg, workdir: pathlib.Path, name: str):
 
 def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
     """Trains (or reuses) baseline `name`; returns its merged checkpoint."""
-    from merit_jax import merge, split, train
+    from merit_jax import split, train
+    from merit_jax.stages import merge as merge_stage
 
     sub_dir = workdir / "baselines" / name
     out = wd.merged_dir(sub_dir)
@@ -77,7 +79,7 @@ def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
     log.info("baseline %s: split=%s epochs=%s in %s", name, sub.split.method, sub.train.epochs, sub_dir)
     split.run(sub, sub_dir)
     train.run(sub, sub_dir)
-    merge.run(sub, sub_dir)
+    merge_stage.run(sub, sub_dir)
     return out
 
 

@@ -43,8 +43,9 @@ def stages_to_run(cfg, stage: str) -> list[str]:
 
 
 def run_stage(name: str, cfg, workdir: pathlib.Path, branch: int | None = None) -> None:
-    stage = f"merit_jax.stages.{name}"
-    module = importlib.import_module(stage if importlib.util.find_spec(stage) else f"merit_jax.{name}")
+    # A stage's driver is merit_jax/stages/{name}.py where it has moved there, else merit_jax/{name}.py.
+    moved = importlib.util.find_spec(f"merit_jax.stages.{name}") is not None
+    module = importlib.import_module(f"merit_jax.stages.{name}" if moved else f"merit_jax.{name}")
     kwargs = {"branch": branch} if name == "train" else {}
     start = time.time()
     log.info("stage %s: start", name)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from merit_jax.config import data_settings
-from merit_jax import checkpoint, merge
+from merit_jax import checkpoint, merging
 from merit_jax import workdir as wd
 from merit_jax.convert.__main__ import main as convert_main
 from merit_jax.data import records
@@ -85,8 +85,8 @@ def test_a_missing_shard_of_an_index_is_named_before_any_work(hf_dir, tmp_path, 
     code, err = convert(capsys, "hf-to-orbax", "--hf", str(sharded), "--out", str(tmp_path / "out"))
     assert code == 2 and f"{sharded / victim}: missing (listed in model.safetensors.index.json" in err, err
     assert not (tmp_path / "out").exists()
-    with pytest.raises(merge.MergeInputError, match=rf"{victim}"):  # the merge's own reader says the same
-        merge.merge_checkpoints([sharded, hf_dir], tmp_path / "merged", method="uniform")
+    with pytest.raises(merging.MergeInputError, match=rf"{victim}"):  # the merge's own reader says the same
+        merging.merge_checkpoints([sharded, hf_dir], tmp_path / "merged", method="uniform")
     assert not (tmp_path / "merged").exists()
 
 
@@ -131,7 +131,7 @@ def test_damaged_checkpoint_is_named(ckpt_dir, tmp_path, capsys, damage):
     assert code == 2 and str(ckpt / "params") in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
     with pytest.raises(InputFileError, match=str(ckpt)):
-        merge.merge_checkpoints([ckpt, ckpt_dir], tmp_path / "merged", method="uniform")
+        merging.merge_checkpoints([ckpt, ckpt_dir], tmp_path / "merged", method="uniform")
     assert not (tmp_path / "merged").exists()
 
 

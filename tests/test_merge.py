@@ -17,7 +17,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from merit_jax import checkpoint, merge
+from merit_jax import checkpoint, merge, merging
+from merit_jax.merging import stream
+from merit_jax.stages import merge as merge_stage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -106,19 +108,19 @@ def test_merge_tensors_is_the_weighted_average(k):
     rng = np.random.default_rng(k)
     xs = [rng.standard_normal((5, 7)).astype(np.float32) for _ in range(k)]
     tokens = rng.integers(1, 1000, size=k)
-    got = merge.merge_tensors(xs, tokens, "tokens")
+    got = merging.merge_tensors(xs, tokens, "tokens")
     ref = sum(n * x.astype(np.float64) for n, x in zip(tokens, xs)) / tokens.sum()
     assert got.dtype == np.float32
     _assert_close(got, ref, "tokens")
-    _assert_close(merge.merge_tensors(xs, None, "uniform"), np.mean(np.stack(xs).astype(np.float64), 0), "uniform")
+    _assert_close(merging.merge_tensors(xs, None, "uniform"), np.mean(np.stack(xs).astype(np.float64), 0), "uniform")
 
 
 def test_resolve_weights_rules(caplog):
-    np.testing.assert_allclose(merge.resolve_weights("tokens", 3, [100, 300, 600]), [0.1, 0.3, 0.6])
-    with caplog.at_level(logging.WARNING, logger="merit_jax.merge"):
-        np.testing.assert_allclose(merge.resolve_weights("weights", 2, [1, 3]), [0.25, 0.75])
+    np.testing.assert_allclose(merging.resolve_weights("tokens", 3, [100, 300, 600]), [0.1, 0.3, 0.6])
+    with caplog.at_level(logging.WARNING, logger="merit_jax.merging.ops"):
+        np.testing.assert_allclose(merging.resolve_weights("weights", 2, [1, 3]), [0.25, 0.75])
     assert "sum to 4" in caplog.text
-    np.testing.assert_allclose(merge.resolve_weights("ties", 4), [0.25] * 4)
+    np.testing.assert_allclose(merging.resolve_weights("ties", 4), [0.25] * 4)
     for method, n, w, msg in [("weights", 3, [1, 2], "2 weights given for 3 inputs"),
                               ("tokens", 2, [0, 0], "at least one must be positive"),
                               ("weights", 2, [1, -1], "non-negative"),
@@ -126,7 +128,7 @@ def test_resolve_weights_rules(caplog):
                               ("uniform", 2, [1, 1], "takes no weights"),
                               ("mean", 2, None, "unknown merge method")]:
         with pytest.raises(ValueError, match=msg):
-            merge.resolve_weights(method, n, w)
+            merging.resolve_weights(method, n, w)
 
 
 def _ties_reference(xs, w, base, density, lam):
@@ -155,30 +157,30 @@ def test_relative_methods_follow_their_definitions():
     xs = [base + rng.standard_normal(base.shape).astype(np.float32) for _ in range(3)]
     w = np.array([0.5, 0.3, 0.2])
     ref_ta = base + 0.7 * sum(wk * (x.astype(np.float64) - base) for wk, x in zip(w, xs))
-    _assert_close(merge.merge_tensors(xs, w, "task_arithmetic", base, lam=0.7), ref_ta, "task_arithmetic")
+    _assert_close(merging.merge_tensors(xs, w, "task_arithmetic", base, lam=0.7), ref_ta, "task_arithmetic")
     # λ = 1 task arithmetic is the plain weighted average
-    _assert_close(merge.merge_tensors(xs, w, "task_arithmetic", base),
-                  merge.merge_tensors(xs, w, "weights").astype(np.float64), "ta λ=1")
+    _assert_close(merging.merge_tensors(xs, w, "task_arithmetic", base),
+                  merging.merge_tensors(xs, w, "weights").astype(np.float64), "ta λ=1")
 
-    got = merge.merge_tensors(xs, w, "ties", base, density=0.3, lam=0.9)
+    got = merging.merge_tensors(xs, w, "ties", base, density=0.3, lam=0.9)
     _assert_close(got, _ties_reference(xs, w, base, 0.3, 0.9), "ties")
-    assert np.count_nonzero(merge.ties_trim(xs[0] - base, 0.3)) == int(np.ceil(0.3 * base.size))
+    assert np.count_nonzero(merging.ties_trim(xs[0] - base, 0.3)) == int(np.ceil(0.3 * base.size))
 
     # DARE: p = 0 is task arithmetic; otherwise survivors are rescaled by 1/(1-p), seeded, and p of them drop
-    _assert_close(merge.merge_tensors(xs, w, "dare", base, drop_p=0.0),
-                  merge.merge_tensors(xs, w, "task_arithmetic", base).astype(np.float64), "dare p=0")
+    _assert_close(merging.merge_tensors(xs, w, "dare", base, drop_p=0.0),
+                  merging.merge_tensors(xs, w, "task_arithmetic", base).astype(np.float64), "dare p=0")
     tau = rng.standard_normal(20000).astype(np.float32)
-    dropped = merge.dare_drop(tau, 0.75, np.random.default_rng(1))
+    dropped = merging.dare_drop(tau, 0.75, np.random.default_rng(1))
     kept = dropped != 0
     assert abs(kept.mean() - 0.25) < 0.02
     np.testing.assert_allclose(dropped[kept], tau[kept] * 4.0, rtol=1e-6)
-    a = merge.merge_tensors(xs, w, "dare", base, drop_p=0.5, seed=3)
-    b = merge.merge_tensors(xs, w, "dare", base, drop_p=0.5, seed=3)
-    c = merge.merge_tensors(xs, w, "dare", base, drop_p=0.5, seed=4)
+    a = merging.merge_tensors(xs, w, "dare", base, drop_p=0.5, seed=3)
+    b = merging.merge_tensors(xs, w, "dare", base, drop_p=0.5, seed=3)
+    c = merging.merge_tensors(xs, w, "dare", base, drop_p=0.5, seed=4)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     with pytest.raises(ValueError, match="pass base"):
-        merge.merge_tensors(xs, w, "ties")
+        merging.merge_tensors(xs, w, "ties")
 
 
 # ------------------------------------------------------------------------------- streaming, both formats
@@ -194,15 +196,15 @@ def test_merged_checkpoint_equals_numpy_average(tmp_path, kind, k, tied):
     inputs = [_write(kind, tmp_path / f"in{i}", t, config, **({"shards": 2} if kind == "hf" and i == 1 else {}))
               for i, t in enumerate(tensors)]
     tokens = np.random.default_rng(k).integers(1, 10**6, size=k)
-    out = merge.merge_checkpoints(inputs, tmp_path / "out", method="tokens", weights=tokens.tolist(),
-                                  chunk_bytes=128, max_shard_bytes=600)
+    out = merging.merge_checkpoints(inputs, tmp_path / "out", method="tokens", weights=tokens.tolist(),
+                                    chunk_bytes=128, max_shard_bytes=600)
     merged = _read(kind, out)
     assert set(merged) == set(tensors[0])
     for name in tensors[0]:
         ref = sum(n * t[name].astype(np.float64) for n, t in zip(tokens, tensors)) / tokens.sum()
         assert merged[name].dtype == np.float32 and merged[name].shape == ref.shape
         _assert_close(merged[name], ref, name)
-    record = json.loads((out / merge.MERGE_INFO_FILE).read_text())
+    record = json.loads((out / merging.MERGE_INFO_FILE).read_text())
     assert record["method"] == "tokens"
     np.testing.assert_allclose(record["weights"], tokens / tokens.sum())
     if kind == "hf":
@@ -244,8 +246,8 @@ def test_hf_output_loads_in_transformers(tmp_path):
 def test_bf16_inputs_keep_dtype_or_take_the_requested_one(tmp_path):
     tensors = [_tensors("hf", s, dtype=BF16) for s in range(2)]
     inputs = [_write_hf(tmp_path / f"in{i}", t, _hf_config(torch_dtype="bfloat16")) for i, t in enumerate(tensors)]
-    same = _read_hf(merge.merge_checkpoints(inputs, tmp_path / "same", method="uniform"))
-    wide = merge.merge_checkpoints(inputs, tmp_path / "wide", method="uniform", dtype="float32")
+    same = _read_hf(merging.merge_checkpoints(inputs, tmp_path / "same", method="uniform"))
+    wide = merging.merge_checkpoints(inputs, tmp_path / "wide", method="uniform", dtype="float32")
     wide_tensors = _read_hf(wide)
     assert json.loads((wide / "config.json").read_text())["torch_dtype"] == "float32"
     for name in tensors[0]:
@@ -264,23 +266,23 @@ def test_streamed_relative_methods_equal_the_pure_function(tmp_path, method):
     base_path = checkpoint.save(tmp_path / "base", base, _hf_config())
     inputs = [checkpoint.save(tmp_path / f"b{i}", t, _hf_config()) for i, t in enumerate(branches)]
     opts = dict(lam=0.8, density=0.4, drop_p=0.3, seed=5)
-    out = merge.merge_checkpoints(inputs, tmp_path / "out", method=method, weights=[1, 2, 1], base=base_path,
-                                  **opts)
+    out = merging.merge_checkpoints(inputs, tmp_path / "out", method=method, weights=[1, 2, 1], base=base_path,
+                                    **opts)
     merged = checkpoint.load(out)
     for name in base:
-        expected = merge.merge_tensors([b[name] for b in branches], [1, 2, 1], method, base[name],
-                                       lam=0.8, density=0.4, drop_p=0.3, seed=(5, zlib.crc32(name.encode())))
+        expected = merging.merge_tensors([b[name] for b in branches], [1, 2, 1], method, base[name],
+                                         lam=0.8, density=0.4, drop_p=0.3, seed=(5, zlib.crc32(name.encode())))
         np.testing.assert_array_equal(merged[name], expected, err_msg=name)
-    with pytest.raises(merge.MergeInputError, match="--base"):
-        merge.merge_checkpoints(inputs, tmp_path / "out2", method=method)
+    with pytest.raises(merging.MergeInputError, match="--base"):
+        merging.merge_checkpoints(inputs, tmp_path / "out2", method=method)
 
 
 def test_sharded_placement_gives_the_same_merge(tmp_path):
     tensors = [_tensors("merit_jax", s) for s in range(2)]
     inputs = [checkpoint.save(tmp_path / f"in{i}", t, _hf_config()) for i, t in enumerate(tensors)]
-    host = checkpoint.load(merge.merge_checkpoints(inputs, tmp_path / "host", method="weights", weights=[0.3, 0.7]))
-    dev = checkpoint.load(merge.merge_checkpoints(inputs, tmp_path / "dev", method="weights", weights=[0.3, 0.7],
-                                                  placement=merge.fsdp_placement()))
+    host = checkpoint.load(merging.merge_checkpoints(inputs, tmp_path / "host", method="weights", weights=[0.3, 0.7]))
+    dev = checkpoint.load(merging.merge_checkpoints(inputs, tmp_path / "dev", method="weights", weights=[0.3, 0.7],
+                                                    placement=merging.fsdp_placement()))
     for name in host:
         np.testing.assert_array_equal(host[name], dev[name])
 
@@ -297,11 +299,11 @@ def test_merit_jax_output_is_written_in_batches_of_groups(tmp_path, monkeypatch)
         return real_write(self, part)
 
     monkeypatch.setattr(checkpoint.Writer, "write", recording_write)
-    monkeypatch.setattr(merge, "MAX_WRITES", 4)
+    monkeypatch.setattr(stream, "MAX_WRITES", 4)
     chunk = 200
-    out = merge.merge_checkpoints(inputs, tmp_path / "out", method="uniform", chunk_bytes=chunk)
+    out = merging.merge_checkpoints(inputs, tmp_path / "out", method="uniform", chunk_bytes=chunk)
 
-    groups = [[name for name, _, _ in g] for g in merge.plan_pieces(checkpoint.tensor_specs(inputs[0]), chunk, False)]
+    groups = [[name for name, _, _ in g] for g in merging.plan_pieces(checkpoint.tensor_specs(inputs[0]), chunk, False)]
     writes = [w for w in writes if w]  # the final (possibly empty) rest
     assert [n for w in writes for n in w] == [n for g in groups for n in g]  # each tensor once, in plan order
     ends = {g[-1] for g in groups}
@@ -323,16 +325,16 @@ def test_sharded_merge_on_four_devices(tmp_path):
     script = textwrap.dedent(
         """
         import sys, jax
-        from merit_jax import merge
+        from merit_jax import merging
         assert jax.device_count() == 4
         shapes = []
-        place = merge.fsdp_placement()
+        place = merging.fsdp_placement()
         def recording_place(name, shape):
             sharding = place(name, shape)
             shapes.append(sharding.shard_shape(shape))
             return sharding
-        merge.merge_checkpoints(sys.argv[2:], sys.argv[1], method="tokens", weights=[5, 3, 2],
-                                placement=recording_place)
+        merging.merge_checkpoints(sys.argv[2:], sys.argv[1], method="tokens", weights=[5, 3, 2],
+                                  placement=recording_place)
         assert (4, 8) in shapes, shapes  # the 16 x 8 embedding, split four ways
         """
     )
@@ -378,34 +380,34 @@ def test_mismatched_inputs_are_refused_and_nothing_is_written(tmp_path, case, ki
         if kind == "merit_jax" else _tensors("hf", 0)
     a = _write(kind, tmp_path / "a", first, _hf_config())
     b = _write(kind, tmp_path / "b", tensors, config)
-    with pytest.raises(merge.MergeInputError, match=rf"input .*b does not match .*a: .*{msg}"):
-        merge.merge_checkpoints([a, b], tmp_path / "out", method="uniform")
+    with pytest.raises(merging.MergeInputError, match=rf"input .*b does not match .*a: .*{msg}"):
+        merging.merge_checkpoints([a, b], tmp_path / "out", method="uniform")
     assert _only(tmp_path) == ["a", "b"]
 
 
 def test_missing_unreadable_and_mixed_inputs(tmp_path):
     a = _write_hf(tmp_path / "a", _tensors("hf", 0), _hf_config())
-    with pytest.raises(merge.MergeInputError, match=r"input .*nope does not exist"):
-        merge.merge_checkpoints([a, tmp_path / "nope"], tmp_path / "out")
+    with pytest.raises(merging.MergeInputError, match=r"input .*nope does not exist"):
+        merging.merge_checkpoints([a, tmp_path / "nope"], tmp_path / "out")
     bad = _write_hf(tmp_path / "bad", _tensors("hf", 1), _hf_config())
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    with pytest.raises(merge.MergeInputError, match=r"bad/model\.safetensors is not a readable safetensors"):
-        merge.merge_checkpoints([a, bad], tmp_path / "out")
+    with pytest.raises(merging.MergeInputError, match=r"bad/model\.safetensors is not a readable safetensors"):
+        merging.merge_checkpoints([a, bad], tmp_path / "out")
     sharded = _write_hf(tmp_path / "sh", _tensors("hf", 2), _hf_config(), shards=2)
     (sharded / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(merge.MergeInputError, match="shard model-00002-of-00002.safetensors .* missing"):
-        merge.merge_checkpoints([a, sharded], tmp_path / "out")
+    with pytest.raises(merging.MergeInputError, match="shard model-00002-of-00002.safetensors .* missing"):
+        merging.merge_checkpoints([a, sharded], tmp_path / "out")
     mj = checkpoint.save(tmp_path / "mj", _tensors("merit_jax", 0), _hf_config())
-    with pytest.raises(merge.MergeInputError, match="merit_jax checkpoint but .*a is hf"):
-        merge.merge_checkpoints([a, mj], tmp_path / "out")
+    with pytest.raises(merging.MergeInputError, match="merit_jax checkpoint but .*a is hf"):
+        merging.merge_checkpoints([a, mj], tmp_path / "out")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(merge.MergeInputError, match="neither a merit_jax checkpoint .* nor a Hugging Face"):
-        merge.merge_checkpoints([a, empty], tmp_path / "out")
+    with pytest.raises(merging.MergeInputError, match="neither a merit_jax checkpoint .* nor a Hugging Face"):
+        merging.merge_checkpoints([a, empty], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # an existing output is not replaced without overwrite
     with pytest.raises(FileExistsError, match="overwrite"):
-        merge.merge_checkpoints([a, a], mj)
+        merging.merge_checkpoints([a, a], mj)
     assert merge.main(["--ckpt", str(a), "--ckpt", str(empty), "--out", str(tmp_path / "out")]) == 2
 
 
@@ -416,14 +418,15 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from merit_jax import merge
-    real = merge._merge_group
+    from merit_jax.merging import stream
+    real = stream._merge_group
     calls = [0]
     def merge_group_then_die(*a, **k):
         calls[0] += 1
         if calls[0] == int(sys.argv[1]):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*a, **k)
-    merge._merge_group = merge_group_then_die
+    stream._merge_group = merge_group_then_die
     sys.exit(merge.main(sys.argv[2:]))
     """
 )
@@ -456,7 +459,7 @@ def test_killed_merge_leaves_nothing_that_looks_complete(tmp_path, kind):
 
 def test_failure_mid_merge_writes_nothing(tmp_path, monkeypatch):
     inputs = [_write_hf(tmp_path / f"in{i}", _tensors("hf", i), _hf_config()) for i in range(2)]
-    real, calls = merge._merge_group, []
+    real, calls = stream._merge_group, []
 
     def fail_on_third(*a, **k):
         calls.append(1)
@@ -464,9 +467,9 @@ def test_failure_mid_merge_writes_nothing(tmp_path, monkeypatch):
             raise OSError("disk full (injected)")
         return real(*a, **k)
 
-    monkeypatch.setattr(merge, "_merge_group", fail_on_third)
+    monkeypatch.setattr(stream, "_merge_group", fail_on_third)
     with pytest.raises(OSError, match="injected"):
-        merge.merge_checkpoints(inputs, tmp_path / "out", chunk_bytes=64)
+        merging.merge_checkpoints(inputs, tmp_path / "out", chunk_bytes=64)
     assert _only(tmp_path) == ["in0", "in1"]
 
 
@@ -483,19 +486,19 @@ def test_stage_merges_branches_with_token_weights_and_skips_when_done(tmp_path, 
     for k, t in enumerate(branches):
         checkpoint.save(workdir / "branches" / str(k) / "final", t, _hf_config())
     cfg = ml_collections.ConfigDict({"seed": 0, "merge": {"method": "tokens", "weights": [], "dtype": ""}})
-    out = merge.run(cfg, workdir)
+    out = merge_stage.run(cfg, workdir)
     assert out == workdir / "merged" and checkpoint.is_checkpoint(out)
     merged = checkpoint.load(out)
     for name in branches[0]:
         _assert_close(merged[name], 0.75 * branches[0][name].astype(np.float64) + 0.25 * branches[1][name], name)
     stamp = (out / "merit_jax.json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="merit_jax.merge"):
-        merge.run(cfg, workdir)
+    with caplog.at_level(logging.INFO, logger="merit_jax.stages.merge"):
+        merge_stage.run(cfg, workdir)
     assert "skipping" in caplog.text and (out / "merit_jax.json").stat().st_mtime_ns == stamp
 
     cfg.merge.method = "ties"
-    with pytest.raises(merge.MergeInputError, match="needs θ⁰"):
-        merge.run(cfg, _fresh_copy(workdir, tmp_path / "wd2"))
+    with pytest.raises(merging.MergeInputError, match="needs θ⁰"):
+        merge_stage.run(cfg, _fresh_copy(workdir, tmp_path / "wd2"))
 
 
 def _fresh_copy(workdir, dst):

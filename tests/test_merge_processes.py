@@ -20,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from merit_jax import checkpoint, merge
+from merit_jax import checkpoint, merging
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 K = 3
@@ -94,8 +94,8 @@ def merged(tmp_path_factory):
             procs.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(runs)], stdout=log,
                                           stderr=subprocess.STDOUT, env=dict(env, MERIT_PROCESS_ID=str(i))))
     # Meanwhile, the single-process references (numpy, in this process).
-    ref_tokens = merge.merge_checkpoints(inputs, tmp / "ref_tokens", method="tokens", weights=TOKENS)
-    ref_ties = merge.merge_checkpoints(inputs, tmp / "ref_ties", method="ties", base=base_dir, **TIES)
+    ref_tokens = merging.merge_checkpoints(inputs, tmp / "ref_tokens", method="tokens", weights=TOKENS)
+    ref_ties = merging.merge_checkpoints(inputs, tmp / "ref_ties", method="ties", base=base_dir, **TIES)
     codes = []
     for p in procs:
         try:
@@ -166,5 +166,5 @@ def test_ties_merge_equals_single_process(merged):
     assert set(got) == set(ref)
     for name in ref:
         np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
-    record = json.loads((merged["tmp"] / "ties" / merge.MERGE_INFO_FILE).read_text())
+    record = json.loads((merged["tmp"] / "ties" / merging.MERGE_INFO_FILE).read_text())
     assert record["method"] == "ties" and record["options"]["density"] == TIES["density"]

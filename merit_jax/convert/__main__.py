@@ -7,8 +7,8 @@ import argparse
 import logging
 import sys
 
-from merit_jax import checkpoint
 from merit_jax.convert import hf
+from merit_jax.io.safetensors import MAX_SHARD_BYTES
 
 
 def main(argv=None) -> int:
@@ -23,38 +23,22 @@ def main(argv=None) -> int:
     b.add_argument("--ckpt", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    b.add_argument("--max-shard-gb", type=float, default=2.0)
+    b.add_argument("--max-shard-gb", type=float, default=None,
+                   help=f"largest safetensors shard in GiB (default: Hugging Face's 5GB, {MAX_SHARD_BYTES} bytes)")
     b.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "hf-to-orbax":
-            hf_to_orbax(args.hf, args.out, overwrite=args.overwrite)
+            hf.hf_to_orbax(args.hf, args.out, overwrite=args.overwrite)
         else:
-            orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                        overwrite=args.overwrite)
+            shard = MAX_SHARD_BYTES if args.max_shard_gb is None else int(args.max_shard_gb * 2**30)
+            hf.orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=shard, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0
-
-
-def hf_to_orbax(hf_dir, out, overwrite: bool = False):
-    """Tensors keep their stored dtype (a bf16 release stays bf16)."""
-    from merit_jax.models import params as P
-
-    cfg = hf.read_hf_config(hf_dir)
-    dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(cfg.get("dtype") or cfg.get("torch_dtype"),
-                                                               "float32")
-    model = hf.load_hf(hf_dir, dtype)
-    return checkpoint.save(out, P.flatten(model), cfg, tokenizer_dir=hf_dir, overwrite=overwrite)
-
-
-def orbax_to_hf(ckpt, out, dtype: str = "float32", max_shard_bytes: int = 2 << 30, overwrite: bool = False):
-    flat = checkpoint.load(ckpt)
-    return hf.save_hf(flat, checkpoint.read_hf_config(ckpt), out, dtype=dtype, tokenizer_dir=ckpt,
-                      max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Hugging Face checkpoints <-> merit_jax models, tensor by tensor.
 
-Reading: safetensors (one file, or shards with `model.safetensors.index.json`), sliced lazily so that each
-device receives only its shard. Writing: sharded safetensors + index, config.json, generation_config.json and
-the tokenizer files, into a temporary directory renamed into place when complete.
+Reading: safetensors (one file, or shards with `model.safetensors.index.json`, through
+merit_jax.io.safetensors), sliced lazily so that each device receives only its shard. Writing: safetensors
+shards streamed one tensor at a time (+ index), config.json, generation_config.json and the tokenizer files,
+into a temporary directory renamed into place when complete. `orbax_to_hf` / `hf_to_orbax` convert whole
+checkpoints (the convert CLI and the export stage call them).
 """
 
 from __future__ import annotations
@@ -19,17 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from merit_jax import checkpoint
-from merit_jax.errors import InputFileError, reading
 from merit_jax import workdir as wd
+from merit_jax.io.safetensors import MAX_SHARD_BYTES, SafetensorsDir, SafetensorsWriter
 from merit_jax.models import params as P
 from merit_jax.models.config import ModelConfig
-
-INDEX_FILE = "model.safetensors.index.json"
-
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not (Path(path) / "config.json").is_file():
@@ -62,55 +59,7 @@ def stored_key(key: str, stored) -> str:
     return key
 
 
-class HFTensors:
-    """Lazy access to the tensors of a HF directory; `get(name, index)` reads only the slice asked for."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        index = self.path / INDEX_FILE
-        self._handles: dict[str, Any] = {}
-        if index.is_file():
-            data = wd.read_json(index)
-            weight_map = data.get("weight_map") if isinstance(data, dict) else None
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise InputFileError(f"{index}: no weight_map {{tensor name: shard file}}")
-            for fname in dict.fromkeys(weight_map.values()):  # every shard there and readable, before any work
-                if not (self.path / fname).is_file():
-                    tensor = next(k for k, v in weight_map.items() if v == fname)
-                    raise InputFileError(f"{self.path / fname}: missing (listed in {INDEX_FILE} for tensor "
-                                         f"{tensor!r})")
-                self._open(fname)
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no *.safetensors files (and no {INDEX_FILE})")
-            weight_map = {k: f.name for f in files for k in self._open(f.name).keys()}
-        self.file_of = weight_map
-
-    def _open(self, fname: str):
-        if fname not in self._handles:
-            with reading(self.path / fname, "safetensors file"):
-                self._handles[fname] = safe_open(self.path / fname, "np")
-        return self._handles[fname]
-
-    def _handle(self, key: str):
-        return self._open(self.file_of[key])
-
-    def names(self) -> list[str]:
-        return sorted(self.file_of)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
-
-    def get(self, key: str, index: tuple | None = None) -> np.ndarray:
-        if key not in self.file_of:
-            raise KeyError(f"{self.path}: tensor {key!r} is missing")
-        with reading(self.path / self.file_of[key], "safetensors file", f" (tensor {key!r})"):
-            sl = self._handle(key).get_slice(key)
-            return sl[index] if index is not None else sl[:]
-
-
-def load_hf_params_fetch(tensors: HFTensors):
+def load_hf_params_fetch(tensors: SafetensorsDir):
     """A `fetch(name, shape, dtype, index)` for `params.create_from_arrays` reading from HF tensors."""
 
     def fetch(name, shape, dtype, index):
@@ -118,7 +67,7 @@ def load_hf_params_fetch(tensors: HFTensors):
         key = stored_key(key, tensors.file_of)
         if key not in tensors.file_of:
             raise KeyError(f"{tensors.path}: tensor {key!r} (for {name}) is missing")
-        hf_shape = tensors.shape(key)
+        hf_shape = tensors.specs[key][0]
         want = tuple(reversed(shape)) if transpose else tuple(shape)
         if hf_shape != want:
             raise ValueError(f"{tensors.path}: tensor {key!r} has shape {hf_shape}, config.json implies {want}")
@@ -154,10 +103,11 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, compu
     hf_cfg = read_hf_config(path)
     make = model_factory(hf_cfg, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
                          attention=attention)
-    tensors = HFTensors(path)
-    model = P.create_from_arrays(make, mesh, load_hf_params_fetch(tensors),
-                                 what=str(path))
-    return model
+    tensors = SafetensorsDir(path)
+    try:
+        return P.create_from_arrays(make, mesh, load_hf_params_fetch(tensors), what=str(path))
+    finally:
+        tensors.close()
 
 
 def to_host(x) -> np.ndarray:
@@ -168,6 +118,16 @@ def to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def hf_specs(flat: dict[str, Any], dtype) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{HF name: (shape, dtype)} of the tensors `hf_tensors(flat, dtype)` yields, in the same order."""
+    specs = {}
+    for name in P.canonical(flat):
+        key, transpose = hf_key(name)
+        shape = tuple(flat[name].shape)
+        specs[key] = (tuple(reversed(shape)) if transpose else shape, np.dtype(dtype))
+    return specs
+
+
 def hf_tensors(flat: dict[str, Any], dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy array) per parameter, gathered to this host one tensor at a time."""
     for name in P.canonical(flat):  # layers in numeric order, so each shard holds consecutive layers
@@ -176,60 +136,39 @@ def hf_tensors(flat: dict[str, Any], dtype) -> Iterator[tuple[str, np.ndarray]]:
         yield key, np.ascontiguousarray((x.T if transpose else x).astype(dtype))
 
 
-def write_hf_dir(out: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]], hf_cfg: dict,
+def write_hf_dir(out: str | os.PathLike, specs: dict, tensors: Iterator[tuple[str, np.ndarray]], hf_cfg: dict,
                  tokenizer_dir: str | os.PathLike | None = None, dtype_name: str = "float32",
-                 max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
-    """Writes a HF directory atomically: sharded safetensors + index, config, tokenizer files."""
+                 max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Writes a HF directory atomically: safetensors shards (+ index) streamed tensor by tensor in `specs`
+    order, config.json, generation_config.json, the tokenizer files."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    writer = SafetensorsWriter(tmp, specs, max_shard_bytes)
     try:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        files, weight_map, total = [], {}, 0
-        def flush():
-            if shards[-1]:
-                fname = f"part-{len(files):05d}.safetensors"
-                save_file(shards[-1], tmp / fname, metadata={"format": "pt"})
-                files.append(fname)
-                for k in shards[-1]:
-                    weight_map[k] = fname
-                shards[-1] = {}
         for key, x in tensors:
-            if size and size + x.nbytes > max_shard_bytes:
-                flush()
-                size = 0
-            shards[-1][key] = x
-            size += x.nbytes
-            total += x.nbytes
-        flush()
-        n = len(files)
-        renamed = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-                   for i, f in enumerate(files)}
-        for f, g in renamed.items():
-            os.replace(tmp / f, tmp / g)
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[f] for k, f in weight_map.items()}}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+            writer.write(key, x)
+        writer.close()
         if tokenizer_dir:
             checkpoint.copy_tokenizer_files(tokenizer_dir, tmp)
-        cfg = dict(hf_cfg, dtype=dtype_name)
-        cfg.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        config = dict(hf_cfg, dtype=dtype_name)
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if not (tmp / "generation_config.json").exists():
-            gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+            gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         checkpoint.replace_dir(tmp, out)
     except BaseException:
+        writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
 def save_hf(model_or_flat, hf_cfg: dict, out: str | os.PathLike, *, dtype: str = "float32",
-            tokenizer_dir=None, max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
+            tokenizer_dir=None, max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """Exports parameters (a module or a flat dict) as a HF checkpoint that transformers loads."""
     flat = model_or_flat if isinstance(model_or_flat, dict) else P.flatten(model_or_flat)
     np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
@@ -237,4 +176,25 @@ def save_hf(model_or_flat, hf_cfg: dict, out: str | os.PathLike, *, dtype: str =
         for _ in hf_tensors(flat, np_dtype):
             pass
         return Path(out)
-    return write_hf_dir(out, hf_tensors(flat, np_dtype), hf_cfg, tokenizer_dir, dtype, max_shard_bytes, overwrite)
+    return write_hf_dir(out, hf_specs(flat, np_dtype), hf_tensors(flat, np_dtype), hf_cfg, tokenizer_dir, dtype,
+                        max_shard_bytes, overwrite)
+
+
+# ------------------------------------------------------------------------------------- whole checkpoints
+
+
+def hf_to_orbax(hf_dir, out, overwrite: bool = False) -> Path:
+    """A HF directory as a merit_jax checkpoint; tensors keep their stored dtype (a bf16 release stays bf16)."""
+    hf_config = read_hf_config(hf_dir)
+    stored = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    dtype = stored if stored in ("bfloat16", "float16") else "float32"
+    model = load_hf(hf_dir, dtype)
+    return checkpoint.save(out, P.flatten(model), hf_config, tokenizer_dir=hf_dir, overwrite=overwrite)
+
+
+def orbax_to_hf(ckpt, out, dtype: str = "float32", max_shard_bytes: int = MAX_SHARD_BYTES,
+                overwrite: bool = False) -> Path:
+    """A merit_jax checkpoint as a HF directory of `dtype` tensors, with the checkpoint's tokenizer files."""
+    flat = checkpoint.load(ckpt)
+    return save_hf(flat, checkpoint.read_hf_config(ckpt), out, dtype=dtype, tokenizer_dir=ckpt,
+                   max_shard_bytes=max_shard_bytes, overwrite=overwrite)

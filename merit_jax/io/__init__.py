@@ -1,0 +1,1 @@
+"""Storage formats on disk: safetensors (Hugging Face directories); merit_jax checkpoints join them later."""
