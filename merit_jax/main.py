@@ -10,6 +10,7 @@ Each stage skips what it finds finished and resumes what it finds interrupted.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import pathlib
@@ -41,7 +42,8 @@ def stages_to_run(cfg, stage: str) -> list[str]:
 
 
 def run_stage(name: str, cfg, workdir: pathlib.Path, branch: int | None = None) -> None:
-    module = importlib.import_module(f"merit_jax.{name}")
+    driver = f"merit_jax.stages.{name}"  # stages moved to merit_jax/stages/ so far; the rest still at the top
+    module = importlib.import_module(driver if importlib.util.find_spec(driver) else f"merit_jax.{name}")
     kwargs = {"branch": branch} if name == "train" else {}
     start = time.time()
     log.info("stage %s: start", name)

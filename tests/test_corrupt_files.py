@@ -179,7 +179,7 @@ def test_truncated_parquet_and_damaged_saved_dataset_are_named(tmp_path):
 
 
 def test_truncated_partition_and_tasks_json_name_the_file(tmp_path):
-    from merit_jax import split
+    from merit_jax.stages import split
 
     (tmp_path / "extract").mkdir()
     tasks = tmp_path / "extract" / "tasks.json"

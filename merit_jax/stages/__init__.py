@@ -1,0 +1,1 @@
+"""Stage drivers: ConfigDict -> settings -> library -> artifacts."""
