@@ -302,7 +302,7 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     if out_file.is_file():
         return wd.read_json(out_file)
     partition = wd.read_partition(workdir)
-    record = wd.read_json(wd.extract_dir(workdir) / "tasks.json")
+    record = wd.read_tasks_record(wd.tasks_file(workdir))
     n_params, k = int(record["params"]["coordinates"]), int(e.get("hessian_k", 10))
     need, budget = alignment.basis_bytes(n_params, k), int(e.get("hessian_max_bytes", 4 << 30))
     why = ("the split did not cut along principal axes (split.method is not merit)"
