@@ -19,22 +19,20 @@ import numpy as np
 
 from merit_jax import sketch as sk
 from merit_jax import workdir as wd
-from merit_jax.config import extract_options, mesh_for
-from merit_jax.gradients import (STABILITY_SIZES, TaskExtractor, check_calibration, select_params, seq_bucket,
+from merit_jax.config import ExtractSettings, extract_settings, mesh_for
+from merit_jax.gradients import (TaskExtractor, check_calibration, select_params, seq_bucket,
                                  stability_curve, stability_protocol, task_stability)
 from merit_jax.models import params as P
 
 log = logging.getLogger(__name__)
 
 
-def _fingerprint(cfg, theta0: pathlib.Path, mixture_fp: str, names: Sequence[str]) -> str:
-    e = cfg.extract
+def _fingerprint(s: ExtractSettings, theta0: pathlib.Path, mixture_fp: str, names: Sequence[str]) -> str:
     theta0 = pathlib.Path(theta0).resolve()
     stamps = sorted((p.name, p.stat().st_mtime_ns) for p in theta0.iterdir()) if theta0.is_dir() else []
     keys = dict(theta0=[str(theta0), stamps], mixture=mixture_fp, names=list(names),
-                options=_options_record(cfg), gradients=extract_options(cfg).batched,  # norms or not
-                stability=[list(e.get("stability_sizes", STABILITY_SIZES)), int(e.get("stability_draws", 20)),
-                           int(e.get("stability_reference", 0))])
+                options=_options_record(s), gradients=s.options.batched,  # norms or not
+                stability=[list(s.stability_sizes), int(s.stability_draws), int(s.stability_reference)])
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
@@ -44,15 +42,14 @@ def is_complete(workdir: pathlib.Path) -> bool:
     return (out / "tasks.json").is_file() and (out / "task_grads.npy").is_file()
 
 
-def _options_record(cfg) -> dict[str, Any]:
+def _options_record(s: ExtractSettings) -> dict[str, Any]:
     """What the outputs depend on besides θ⁰ and the data (stored in tasks.json, compared on skip)."""
-    e = cfg.extract
-    options = dataclasses.asdict(extract_options(cfg))
+    options = dataclasses.asdict(s.options)
     options.pop("micro_chunk")  # these change memory and speed, not results
     options.pop("logits_chunk")
     options.pop("gradients")  # batched and per-example gradients give the same vectors
-    return {**options, "n_calib": int(e.n_calib), "include": list(e.include), "exclude": list(e.exclude),
-            "stability_reference": int(e.get("stability_reference", 0))}
+    return {**options, "n_calib": int(s.n_calib), "include": list(s.include), "exclude": list(s.exclude),
+            "stability_reference": int(s.stability_reference)}
 
 
 def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
@@ -71,18 +68,18 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
 
     workdir = pathlib.Path(workdir)
     out = extract_dir(workdir)
+    s = extract_settings(cfg)
     if is_complete(workdir) and not force:
-        record = json.loads((out / "tasks.json").read_text())
-        if record.get("options") != _options_record(cfg):
+        record = wd.read_tasks_record(out / "tasks.json")
+        if record.get("options") != _options_record(s):
             log.warning("extract: %s was made with options %s, the config now says %s; rerun the stage with "
-                        "force to recompute", out / "tasks.json", record.get("options"), _options_record(cfg))
+                        "force to recompute", out / "tasks.json", record.get("options"), _options_record(s))
         log.info("extract: %s exists, skipping", out / "tasks.json")
         return record
     primary = jax.process_index() == 0
-    e = cfg.extract
-    options = extract_options(cfg)
-    sizes = [int(m) for m in e.get("stability_sizes", STABILITY_SIZES)]
-    draws = int(e.get("stability_draws", 20))
+    options = s.options
+    sizes = [int(m) for m in s.stability_sizes]
+    draws = int(s.stability_draws)
 
     theta = theta0(cfg, workdir)
     mesh = mesh_for(cfg)
@@ -90,8 +87,8 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
                        remat=cfg.model.get("remat", "none"), attention=cfg.model.get("attention", "xla"))
     tokenizer = load_tokenizer(cfg)
     mixture = load_mixture(cfg, tokenizer, workdir)
-    names = select_params(list(P.flatten(model)), list(e.include), list(e.exclude))
-    extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=_xla_options(e))
+    names = select_params(list(P.flatten(model)), list(s.include), list(s.exclude))
+    extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=_xla_options(cfg.extract))
 
     vocab = _vocab_size(model)
     task_names = list(mixture.tasks)
@@ -106,7 +103,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     if with_reference:  # the reference's mean only, straight into the per-example sketches' space (linear)
         ref_extractor = TaskExtractor(model, names, dataclasses.replace(
             options, reduction=options.example_reduction, keep_example_sketches=False), mesh=mesh,
-            compiler_options=_xla_options(e))
+            compiler_options=_xla_options(cfg.extract))
         ref_chunks = ref_extractor.chunks_for(max(len(t.reference) for t in mixture.tasks.values()))
     images, first = _calibration_images(cfg, model, mixture, with_reference)
     log.info("extract: %d tasks, %d parameter tensors (%d coordinates), reduction=%s -> d=%d, θ⁰=%s",
@@ -119,7 +116,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     rows = None
     if primary:
         (out / "tasks.json").unlink(missing_ok=True)
-        fp = _fingerprint(cfg, theta, mixture.fingerprint, names)
+        fp = _fingerprint(s, theta, mixture.fingerprint, names)
         meta = partial / "meta.json"
         if partial.exists() and (not meta.is_file() or json.loads(meta.read_text()).get("fingerprint") != fp
                                  or not rows_path.is_file()):
@@ -174,7 +171,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
 
     curve = stability_curve(cosines, sizes)
     record = {"reduction": options.reduction, "dim": extractor.dim, "per_example": options.per_example,
-              "theta0": str(theta), "options": _options_record(cfg),
+              "theta0": str(theta), "options": _options_record(s),
               "params": {"tensors": len(names), "coordinates": extractor.layout.total, "names": names},
               "tasks": records}
     if not primary:
@@ -213,7 +210,8 @@ def _calibration_images(cfg, model, mixture, with_reference: bool = False):
 
 
 def _xla_options(e) -> dict[str, Any]:
-    """extract.xla_options: per-jit XLA compiler options (as train.xla_options), {} by default."""
+    """extract.xla_options: per-jit XLA compiler options (as train.xla_options), {} by default (read here, off
+    the config section: ExtractSettings has no field for it yet)."""
     options = e.get("xla_options", None) or {}
     return dict(options.items()) if hasattr(options, "items") else dict(options)
 
