@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from merit_jax import partition as S
+from merit_jax import workdir as wd
 from merit_jax.stages import split as split_stage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -446,6 +447,24 @@ def test_stage_rejects_inconsistent_extract_outputs(tmp_path):
     with pytest.raises(ValueError, match="task 'task_04' has n_calib=0"):
         split_stage.run(cfg, tmp_path)
     assert not (tmp_path / "split" / "partition.json").exists()
+
+
+def test_one_reader_validates_tasks_and_partition_json(tmp_path):
+    """extract/tasks.json and split/partition.json have one reader each (workdir.py), which names the file and
+    the entry; DESIGN.md's `merit_jax.split.conflict_split` is the partition module's."""
+    import merit_jax
+    assert merit_jax.split.conflict_split is S.conflict_split
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"name": "a", "train_tokens": 1}, {"name": "a", "train_tokens": 2}]))
+    with pytest.raises(ValueError, match=r"tasks.json: task 'a' appears twice \(entries 0 and 1\)"):
+        wd.read_tasks(tasks)
+    tasks.write_text(json.dumps({"tasks": [{"name": "a"}], "reduction": "full"}))
+    assert wd.read_tasks(tasks) == [{"name": "a"}] and wd.read_tasks_record(tasks)["reduction"] == "full"
+    with pytest.raises(ValueError, match=r"entry 0 \('a'\) has no 'train_tokens'"):
+        wd.read_tasks(tasks, require=("train_tokens",))
+    wd.write_json(wd.partition_file(tmp_path), {"groups": [["a"], ["b"]], "tokens": [1], "weights": [0.5, 0.5]})
+    with pytest.raises(ValueError, match=r"partition.json: 'tokens' must hold one number per group \(2\)"):
+        wd.read_partition(tmp_path)
 
 
 def test_literal_agreement_sees_the_shared_component_the_centred_pca_removes():
