@@ -5,7 +5,7 @@
 Both sides do the same work per micro-chunk of C examples: the per-example gradients of the per-example loss
 (mean cross-entropy over its supervised tokens) w.r.t. every parameter except the embeddings and the LM head,
 then their sum and per-example norms (what the extract stage keeps: reduction=full, no per-example sketches).
-  ours:    merit_jax.extract.TaskExtractor: one jit-compiled scan of jax.vmap(jax.value_and_grad(loss))
+  ours:    merit_jax.gradients.TaskExtractor: one jit-compiled scan of jax.vmap(jax.value_and_grad(loss))
   PyTorch: torch.func.vmap(torch.func.grad(loss)) over torch.func.functional_call on the HF model (eager
            attention: sdpa has no vmap rule), one call per micro-chunk, the same reductions in torch.
 Throughput = examples / best wall time of `--repeats` runs (the two sides interleaved), after a warm-up run
@@ -82,7 +82,7 @@ def plain_step(model, names, batch):
     import jax.numpy as jnp
     from flax import nnx
 
-    from merit_jax import extract as X
+    from merit_jax import gradients as X
     from merit_jax.losses import mean_loss
 
     graphdef, selected, rest = X.split_model(model, names)
@@ -137,7 +137,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from merit_jax import extract as X
+    from merit_jax import gradients as X
     from merit_jax.models import params as P
     from merit_jax.models.io import load_model
 

@@ -65,7 +65,7 @@ def split_measures(workdir: pathlib.Path, seed: int, extra: list[str]) -> dict:
     from configs.default import get_config
     from merit_jax import checkpoint
     from merit_jax import sketch as sk
-    from merit_jax import split as S
+    from merit_jax import partition as S
 
     stage(workdir, seed, "basin", extra)
     stage(workdir, seed, "extract", [*extra, "--config.extract.reduction=full"])

@@ -13,6 +13,8 @@ def load_hf(path, dtype: str = "float32", **kwargs):
 def __getattr__(name):  # `merit_jax.split.conflict_split(...)` etc. without importing everything up front
     import importlib
 
-    if name in ("split", "merge", "merging", "checkpoint", "data", "models", "extract", "train", "diagnostics"):
+    if name == "split":  # DESIGN.md's `merit_jax.split.conflict_split`: the split's math lives in partition
+        return importlib.import_module("merit_jax.partition")
+    if name in ("partition", "gradients", "merge", "merging", "checkpoint", "data", "models", "train", "diagnostics"):
         return importlib.import_module(f"merit_jax.{name}")
     raise AttributeError(name)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from merit_jax import extract as X
+from merit_jax import gradients as X
 from merit_jax import sketch as sk
 from merit_jax.convert.hf import to_host
 from merit_jax.data.packing import pad_batch

@@ -63,8 +63,9 @@ def baseline_config(cfg, workdir: pathlib.Path, name: str):
 
 def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
     """Trains (or reuses) baseline `name`; returns its merged checkpoint."""
-    from merit_jax import split, train
+    from merit_jax import train
     from merit_jax.stages import merge as merge_stage
+    from merit_jax.stages import split
 
     sub_dir = workdir / "baselines" / name
     out = wd.merged_dir(sub_dir)
@@ -293,7 +294,8 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     """Hessian–PCA alignment at θ⁰ (merit_jax.alignment) into WORKDIR/evaluate/hessian_alignment.json (its own
     file, written after results.json: a failure here costs no model's evaluation), or {"skipped": why} where it
     does not apply; None when evaluate.hessian_alignment is off. Skipped when the file exists."""
-    from merit_jax import alignment, split
+    from merit_jax import alignment
+    from merit_jax.partition import pca_scores
     from merit_jax.train import mesh_for
 
     e = cfg.evaluate
@@ -303,7 +305,7 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     if out_file.is_file():
         return wd.read_json(out_file)
     partition = wd.read_partition(workdir)
-    record = wd.read_json(wd.extract_dir(workdir) / "tasks.json")
+    record = wd.read_tasks_record(wd.tasks_file(workdir))
     n_params, k = int(record["params"]["coordinates"]), int(e.get("hessian_k", 10))
     need, budget = alignment.basis_bytes(n_params, k), int(e.get("hessian_max_bytes", 4 << 30))
     why = ("the split did not cut along principal axes (split.method is not merit)"
@@ -322,7 +324,7 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     cos = np.load(wd.split_dir(workdir) / "cosine.npy")
     # global axes: level l cut along axis l; local axes: only the first cut is along a global one
     axes = int(partition["depth"]) if partition.get("axes", "global") == "global" else 1
-    pca = split.pca_scores(cos, axes, center=bool(partition.get("center", True)))
+    pca = pca_scores(cos, axes, center=bool(partition.get("center", True)))
     row_norms = np.sqrt(np.diag(np.load(wd.extract_dir(workdir) / "gram.npy")))
     full = np.load(wd.extract_dir(workdir) / "task_grads.npy", mmap_mode="r") if record["reduction"] == "full" else None
     mesh = mesh_for(cfg)

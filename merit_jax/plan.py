@@ -116,7 +116,7 @@ def compile_program(name: str, cfg, s, model, mesh, topo: hardware.Topology, num
         per_chip = rows / dp
         flops = pp.model_flops(counts, "eval", rows, seq, images, vl)
     else:
-        from merit_jax.extract import seq_bucket
+        from merit_jax.gradients import seq_bucket
         seq = seq_bucket(int(cfg.data.max_len))
         images = pp.image_budget(cfg, vl, seq, 1) if vl else None
         fn, args, ex = pp.extract_step(cfg, model, mesh, images)

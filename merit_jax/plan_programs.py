@@ -144,12 +144,13 @@ def eval_step(model: nnx.Module, s: train.TrainSettings, mesh: Mesh, images, num
 def extract_step(cfg, model: nnx.Module, mesh: Mesh, images):
     """(the extraction's jitted task function, its abstract arguments) for one task of extract.n_calib
     examples at the longest sequence bucket: TaskExtractor's own compiled function and plan."""
-    from merit_jax import extract
+    from merit_jax import gradients as extract
+    from merit_jax.config import extract_options
 
     e = cfg.extract
-    options = extract.extract_options(cfg)
+    options = extract_options(cfg)
     names = extract.select_params(list(P.specs(model)), list(e.include), list(e.exclude))
-    ex = extract.TaskExtractor(model, names, options, mesh=mesh, compiler_options=extract._xla_options(e))
+    ex = extract.TaskExtractor(model, names, options, mesh=mesh, compiler_options=e.get("xla_options"))
     chunks = ex.chunks_for(int(e.n_calib))
     seq = extract.seq_bucket(int(cfg.data.max_len))
     batch = batch_structs(mesh, ex.micro_chunk, seq, images, lead=(chunks,))

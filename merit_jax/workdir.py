@@ -6,7 +6,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypedDict
 
 from merit_jax.errors import InputFileError, describe, utf8_text
 
@@ -34,6 +34,14 @@ def theta0_dir(workdir: Path, *, basin: bool, hf_path: str) -> Path:
 
 def extract_dir(workdir: Path) -> Path:
     return Path(workdir) / "extract"
+
+
+def tasks_file(workdir: Path) -> Path:
+    return extract_dir(workdir) / "tasks.json"
+
+
+def task_grads_file(workdir: Path) -> Path:
+    return extract_dir(workdir) / "task_grads.npy"
 
 
 def split_dir(workdir: Path) -> Path:
@@ -97,17 +105,112 @@ def read_jsonl(path: Path) -> list:
     return out
 
 
-def read_tasks(path: Path) -> list:
-    """extract/tasks.json's task entries (the file is {"tasks": [...], + metadata}; a bare list is accepted)."""
+# ------------------------------------------------------------ typed artifacts: one reader + validator each
+
+
+class TaskEntry(TypedDict, total=False):
+    """One task of extract/tasks.json (a row of task_grads.npy, in the same order)."""
+    name: str
+    n_calib: int  # calibration examples of its gradient
+    train_tokens: int  # supervised training tokens: the task's weight in the split and the merge
+    family: str | None
+    calib_tokens: int
+    loss_mean: float
+    grad_norm_mean: float | None  # None on the batched gradient path (no per-example norms)
+    mean_grad_norm: float
+    stability_reference: int
+
+
+class TasksRecord(TypedDict, total=False):
+    """extract/tasks.json: the tasks and what their gradients were made with (docs/EXTRACT.md)."""
+    tasks: list[TaskEntry]
+    reduction: str
+    dim: int
+    per_example: str
+    theta0: str
+    options: dict
+    params: dict  # {"tensors", "coordinates", "names"}: the parameters the gradients cover
+
+
+class Partition(TypedDict, total=False):
+    """split/partition.json: K groups of task names with their supervised tokens and token weights (the split
+    stage writes more keys, docs/SPLIT.md; these are the ones its readers rely on)."""
+    method: str
+    depth: int
+    groups: list[list[str]]
+    tokens: list[float]
+    weights: list[float]
+    seed: int
+    axes: str
+    center: bool
+
+
+def read_tasks_record(path: Path, require: Sequence[str] = ()) -> TasksRecord:
+    """extract/tasks.json, validated: a non-empty list of task objects, each with a unique string name and the
+    keys in `require` (the split needs "train_tokens"), n_calib >= 1 where given. The file is
+    {"tasks": [...], + metadata}; a bare list of tasks is accepted (as {"tasks": list})."""
+    path = Path(path)
     data = read_json(path, "extract")
-    return data["tasks"] if isinstance(data, dict) and "tasks" in data else data
+    record = data if isinstance(data, dict) and "tasks" in data else {"tasks": data}
+    tasks = record["tasks"]
+    if not isinstance(tasks, list) or not tasks:
+        raise ValueError(f"{path}: expected a non-empty list of tasks")
+    seen: dict[str, int] = {}
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            raise ValueError(f"{path}: entry {i} is not an object")
+        for key in ("name", *require):
+            if key not in task:
+                raise ValueError(f"{path}: entry {i} ({task.get('name', '?')!r}) has no {key!r}")
+        if not isinstance(task["name"], str):
+            raise ValueError(f"{path}: entry {i} has the name {task['name']!r}, not a string")
+        if task["name"] in seen:
+            raise ValueError(f"{path}: task {task['name']!r} appears twice (entries {seen[task['name']]} and {i})")
+        seen[task["name"]] = i
+        if "n_calib" in task and not task["n_calib"] >= 1:
+            raise ValueError(f"{path}: task {task['name']!r} has n_calib={task['n_calib']}: "
+                             "no calibration example, so no gradient")
+    return record
 
 
-def read_partition(workdir: Path) -> dict:
-    part = read_json(partition_file(workdir), "split")
+def read_tasks(path: Path, require: Sequence[str] = ()) -> list[TaskEntry]:
+    """extract/tasks.json's task entries, validated (see `read_tasks_record`)."""
+    return read_tasks_record(path, require)["tasks"]
+
+
+def read_task_grads(path: Path, n_tasks: int):
+    """extract/task_grads.npy as float32 [T, d], T = the number of tasks in tasks.json."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the extract stage first")
+    g = np.load(path)
+    if g.ndim != 2 or g.shape[0] != n_tasks:
+        raise ValueError(f"{path}: shape {list(g.shape)}, but tasks.json lists {n_tasks} tasks "
+                         f"(expected [{n_tasks}, d], rows in tasks.json order)")
+    return g.astype(np.float32, copy=False)
+
+
+def read_partition(workdir: Path) -> Partition:
+    """split/partition.json, validated: non-empty `groups` (lists of task names), and `tokens` and `weights`
+    with one number per group."""
+    path = partition_file(workdir)
+    part = read_json(path, "split")
+    if not isinstance(part, dict):
+        raise ValueError(f"{path}: expected an object, got {type(part).__name__}")
     for key in ("groups", "tokens", "weights"):
         if key not in part:
-            raise ValueError(f"{partition_file(workdir)}: missing key {key!r}")
+            raise ValueError(f"{path}: missing key {key!r}")
+    groups = part["groups"]
+    if not isinstance(groups, list) or not groups or not all(
+            isinstance(g, list) and all(isinstance(t, str) for t in g) for g in groups):
+        raise ValueError(f"{path}: 'groups' must be a non-empty list of lists of task names")
+    for key in ("tokens", "weights"):
+        values = part[key]
+        if not isinstance(values, list) or len(values) != len(groups) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{path}: {key!r} must hold one number per group ({len(groups)}), got {values!r}")
     return part
 
 

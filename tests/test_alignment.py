@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from merit_jax import alignment as A
-from merit_jax import extract as X
-from merit_jax import split as S
+from merit_jax import gradients as X
+from merit_jax import partition as S
 from merit_jax.data.packing import pad_batch
 from merit_jax.data.tokenize import Example
 from merit_jax.models import params as P

@@ -180,13 +180,11 @@ def test_truncated_parquet_and_damaged_saved_dataset_are_named(tmp_path):
 
 
 def test_truncated_partition_and_tasks_json_name_the_file(tmp_path):
-    from merit_jax import split
-
     (tmp_path / "extract").mkdir()
     tasks = tmp_path / "extract" / "tasks.json"
     tasks.write_text('{"tasks": [{"name": "a", "n_calib": 3,\n')
     with pytest.raises(InputFileError, match=rf"{tasks}:2: invalid JSON"):
-        split.load_tasks(tasks)
+        wd.read_tasks(tasks)
     partition = tmp_path / "partition.json"
     partition.write_bytes(b'{"groups": [["a"]], "method": "\xff"}')
     with pytest.raises(InputFileError, match=rf"{partition}:1: not UTF-8"):

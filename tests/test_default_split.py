@@ -23,7 +23,7 @@ import pytest
 from configs.default import get_config
 from merit_jax import checkpoint
 from merit_jax import sketch as sk
-from merit_jax import split as S
+from merit_jax import partition as S
 
 ROOT = Path(__file__).resolve().parents[1]
 N_RANDOM = 200  # random splits that make the chance level

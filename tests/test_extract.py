@@ -18,13 +18,14 @@ import pytest
 from flax import nnx
 
 from configs.default import get_config
-from merit_jax import extract as X
+from merit_jax import gradients as X
 from merit_jax import sketch as sk
-from merit_jax import split as S
+from merit_jax import partition as S
 from merit_jax.losses import mean_loss
 from merit_jax.models import params as P
 from merit_jax.models.io import load_model
 from merit_jax.sharding import make_mesh
+from merit_jax.stages import extract as extract_stage
 from tests.hf_models import tiny_qwen2
 
 OPTIONS = X.ExtractOptions(reduction="sketch", dim=512, micro_chunk=3, seed=3, keep_example_sketches=True)
@@ -395,7 +396,7 @@ def synthetic(tmp_path_factory):
     cfg.extract.reduction = "full"
     cfg.extract.xla_options = FAST
     basin.run(cfg, workdir)
-    return cfg, workdir, X.run(cfg, workdir)
+    return cfg, workdir, extract_stage.run(cfg, workdir)
 
 
 def test_stage_outputs(synthetic):
@@ -421,7 +422,7 @@ def test_stage_outputs(synthetic):
     assert not (out / ".partial").exists()
     # complete: a second run is skipped (nothing rewritten)
     mtime = (out / "task_grads.npy").stat().st_mtime_ns
-    assert X.run(cfg, workdir) == record
+    assert extract_stage.run(cfg, workdir) == record
     assert (out / "task_grads.npy").stat().st_mtime_ns == mtime
 
 
@@ -442,12 +443,12 @@ def test_interrupted_stage_resumes_with_identical_outputs(synthetic, monkeypatch
 
     monkeypatch.setattr(X.TaskExtractor, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        X.run(cfg, workdir, force=True)
+        extract_stage.run(cfg, workdir, force=True)
     assert len(list((out / ".partial").glob("task*.json"))) == 5
     assert not (out / "tasks.json").exists()  # an interrupted run never looks complete
     monkeypatch.setattr(X.TaskExtractor, "__call__", lambda self, batch, task="?", **kw: (
         task.endswith(reference) or calls.append(task), real_call(self, batch, task, **kw))[1])
-    resumed = X.run(cfg, workdir)
+    resumed = extract_stage.run(cfg, workdir)
     assert calls[5:] == [t["name"] for t in record["tasks"][5:]]  # the first five were not recomputed
     assert resumed == record
     np.testing.assert_array_equal(np.load(out / "task_grads.npy"), full)

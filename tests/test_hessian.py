@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from merit_jax import diagnostics as dg
 from merit_jax import hessian
-from merit_jax.extract import split_model
+from merit_jax.gradients import split_model
 from merit_jax.losses import mean_loss
 from merit_jax.models import params as P
 from merit_jax.models.config import ModelConfig

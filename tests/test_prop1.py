@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 from merit_jax import diagnostics as dg
-from merit_jax import split
+from merit_jax import partition as split
 
 P, T, MU, SIGMA = 32, 16, 1.0, 0.3
 ETA, STEPS = 1e-4, 10  # early training: ηλS <= 0.064 on the λ grid

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from merit_jax import split as S
+from merit_jax import partition as S
+from merit_jax import workdir as wd
+from merit_jax.stages import split as split_stage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -381,7 +383,7 @@ def test_stage_writes_the_partition_and_pictures(tmp_path):
     tasks = fake_extract(tmp_path, g, tokens, cluster)
     cfg = default_config()
     cfg.split.method, cfg.split.depth = "merit", 2
-    record = S.run(cfg, tmp_path)
+    record = split_stage.run(cfg, tmp_path)
     out = tmp_path / "split"
     saved = json.loads((out / "partition.json").read_text())
     assert saved == json.loads(json.dumps(record))
@@ -411,9 +413,9 @@ def test_stage_writes_the_partition_and_pictures(tmp_path):
     # Outputs exist: skipped, even with another config; `force` recomputes.
     stamp = (out / "partition.json").stat().st_mtime_ns
     cfg.split.method = "none"
-    assert S.run(cfg, tmp_path)["method"] == "merit"
+    assert split_stage.run(cfg, tmp_path)["method"] == "merit"
     assert (out / "partition.json").stat().st_mtime_ns == stamp
-    forced = S.run(cfg, tmp_path, force=True)
+    forced = split_stage.run(cfg, tmp_path, force=True)
     assert forced["method"] == "none" and forced["groups"] == [names] and forced["weights"] == [1.0]
 
 
@@ -423,7 +425,7 @@ def test_stage_baselines(tmp_path, method):
     fake_extract(tmp_path, g, tokens, cluster)
     cfg = default_config()
     cfg.split.method, cfg.split.depth, cfg.split.seed = method, 1, 3
-    record = S.run(cfg, tmp_path)
+    record = split_stage.run(cfg, tmp_path)
     assert record["method"] == method and len(record["groups"]) == 2
     assert sorted(n for grp in record["groups"] for n in grp) == sorted(f"task_{i:02d}" for i in range(16))
     assert_png(tmp_path / "split" / "cosine.png")
@@ -435,16 +437,34 @@ def test_stage_rejects_inconsistent_extract_outputs(tmp_path):
     cfg = default_config()
     np.save(tmp_path / "extract" / "task_grads.npy", g[:-1])
     with pytest.raises(ValueError, match=r"shape \[15, 64\], but tasks.json lists 16 tasks"):
-        S.run(cfg, tmp_path)
+        split_stage.run(cfg, tmp_path)
     np.save(tmp_path / "extract" / "task_grads.npy", g)
     cfg.split.depth = 5
     with pytest.raises(ValueError, match="32 groups but there are only 16 tasks"):
-        S.run(cfg, tmp_path)
+        split_stage.run(cfg, tmp_path)
     tasks[4]["n_calib"] = 0
     (tmp_path / "extract" / "tasks.json").write_text(json.dumps(tasks))
     with pytest.raises(ValueError, match="task 'task_04' has n_calib=0"):
-        S.run(cfg, tmp_path)
+        split_stage.run(cfg, tmp_path)
     assert not (tmp_path / "split" / "partition.json").exists()
+
+
+def test_one_reader_validates_tasks_and_partition_json(tmp_path):
+    """extract/tasks.json and split/partition.json have one reader each (workdir.py), which names the file and
+    the entry; DESIGN.md's `merit_jax.split.conflict_split` is the partition module's."""
+    import merit_jax
+    assert merit_jax.split.conflict_split is S.conflict_split
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"name": "a", "train_tokens": 1}, {"name": "a", "train_tokens": 2}]))
+    with pytest.raises(ValueError, match=r"tasks.json: task 'a' appears twice \(entries 0 and 1\)"):
+        wd.read_tasks(tasks)
+    tasks.write_text(json.dumps({"tasks": [{"name": "a"}], "reduction": "full"}))
+    assert wd.read_tasks(tasks) == [{"name": "a"}] and wd.read_tasks_record(tasks)["reduction"] == "full"
+    with pytest.raises(ValueError, match=r"entry 0 \('a'\) has no 'train_tokens'"):
+        wd.read_tasks(tasks, require=("train_tokens",))
+    wd.write_json(wd.partition_file(tmp_path), {"groups": [["a"], ["b"]], "tokens": [1], "weights": [0.5, 0.5]})
+    with pytest.raises(ValueError, match=r"partition.json: 'tokens' must hold one number per group \(2\)"):
+        wd.read_partition(tmp_path)
 
 
 def test_literal_agreement_sees_the_shared_component_the_centred_pca_removes():

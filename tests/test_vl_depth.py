@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs.tiny_vl import get_config
-from merit_jax import basin, extract, split
+from merit_jax import basin
+from merit_jax import partition as split
+from merit_jax.stages import extract
 
 
 @pytest.fixture(scope="module")

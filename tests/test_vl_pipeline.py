@@ -26,7 +26,7 @@ from merit_jax import checkpoint
 from merit_jax.data import packing
 from merit_jax.data import vision as V
 from merit_jax.data.mixture import load_mixture, load_tokenizer
-from merit_jax.extract import per_example_grads
+from merit_jax.gradients import per_example_grads
 from merit_jax.losses import per_example_losses
 from merit_jax.models import params as P
 from merit_jax.models.inputs import batch_logits
