@@ -13,6 +13,6 @@ def load_hf(path, dtype: str = "float32", **kwargs):
 def __getattr__(name):  # `merit_jax.split.conflict_split(...)` etc. without importing everything up front
     import importlib
 
-    if name in ("split", "merge", "checkpoint", "data", "models", "extract", "train", "diagnostics"):
+    if name in ("split", "merge", "checkpoint", "data", "models", "extract", "training", "diagnostics"):
         return importlib.import_module(f"merit_jax.{name}")
     raise AttributeError(name)

@@ -61,7 +61,8 @@ def baseline_config(cfg, workdir: pathlib.Path, name: str):
 
 def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
     """Trains (or reuses) baseline `name`; returns its merged checkpoint."""
-    from merit_jax import merge, split, train
+    from merit_jax import merge, split
+    from merit_jax.stages import train
 
     sub_dir = workdir / "baselines" / name
     out = wd.merged_dir(sub_dir)
@@ -291,7 +292,7 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     file, written after results.json: a failure here costs no model's evaluation), or {"skipped": why} where it
     does not apply; None when evaluate.hessian_alignment is off. Skipped when the file exists."""
     from merit_jax import alignment, split
-    from merit_jax.train import mesh_for
+    from merit_jax.config import mesh_for
 
     e = cfg.evaluate
     out_file = workdir / ALIGNMENT

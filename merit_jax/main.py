@@ -41,7 +41,8 @@ def stages_to_run(cfg, stage: str) -> list[str]:
 
 
 def run_stage(name: str, cfg, workdir: pathlib.Path, branch: int | None = None) -> None:
-    module = importlib.import_module(f"merit_jax.{name}")
+    package = "merit_jax.stages" if name in ("basin", "train") else "merit_jax"  # the other stages follow (#13)
+    module = importlib.import_module(f"{package}.{name}")
     kwargs = {"branch": branch} if name == "train" else {}
     start = time.time()
     log.info("stage %s: start", name)

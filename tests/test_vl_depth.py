@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs.tiny_vl import get_config
-from merit_jax import basin, extract, split
+from merit_jax import extract, split
+from merit_jax.stages import basin
 
 
 @pytest.fixture(scope="module")
