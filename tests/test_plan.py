@@ -137,7 +137,7 @@ def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
         direct = {"train_step": fns.train_step.lower(state, to_global(batch, mesh, s.batch_size)).compile()}
     module = model.module(params)  # the weights on the mesh, as load_model places them
     names = extract.select_params(list(params), list(cfg.extract.include), list(cfg.extract.exclude))
-    ex = extract.TaskExtractor(module, names, extract.ExtractOptions.from_config(cfg), mesh=mesh)
+    ex = extract.TaskExtractor(module, names, config.extract_options(cfg), mesh=mesh)
     direct["extract_step"] = ex.lower(int(cfg.extract.n_calib), extract.seq_bucket(cfg.data.max_len)).compile()
     for name, compiled in direct.items():
         m, p = compiled.memory_analysis(), record["programs"][name]
