@@ -6,7 +6,7 @@
 Same Qwen2 architecture and the same random initial weights (transformers' init, copied into ours), same batch
 of token ids (every target supervised), same sequence length, fp32 on this machine's CPU; both do forward,
 backward, global-norm clipping at 1.0 and an AdamW update per step. Ours is the trainer's own jitted step
-(merit_jax.train.build_step_functions on a one-device mesh, donated state); theirs is
+(merit_jax.training.step.build_step_functions on a one-device mesh, donated state); theirs is
 `transformers.Qwen2ForCausalLM` + `torch.optim.AdamW` (SDPA attention), the loop a user would write. Each
 side runs `--warmup` untimed steps (compilation for JAX), then `--steps` timed ones, `--repeats` times,
 alternating, keeping each side's best (the machine may be shared); reported: tokens/s (batch x seq per
@@ -53,20 +53,21 @@ class Ours:
         import jax
         from flax import nnx
 
-        from merit_jax import train
+        from merit_jax.config import TrainSettings
         from merit_jax.convert.hf import model_factory
         from merit_jax.sharding import make_mesh
+        from merit_jax.training.feed import to_global
+        from merit_jax.training.step import SplitModel, build_step_functions
 
-        settings = train.TrainSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", batch_size=args.batch,
-                                       seq_len=args.seq, weight_decay=0.01, grad_clip=1.0, remat="none",
-                                       no_decay=())
-        model = train.SplitModel(nnx.eval_shape(model_factory(hf)))
+        settings = TrainSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", batch_size=args.batch,
+                                 seq_len=args.seq, weight_decay=0.01, grad_clip=1.0, remat="none", no_decay=())
+        model = SplitModel(nnx.eval_shape(model_factory(hf)))
         self.mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        self.fns = train.build_step_functions(model, settings, num_steps=10**6, mesh=self.mesh)
+        self.fns = build_step_functions(model, settings, num_steps=10**6, mesh=self.mesh)
         params = {k: jax.device_put(v, self.fns.param_shardings[k]) for k, v in init.items()}
         with jax.set_mesh(self.mesh):
             self.state = self.fns.init_state(params)
-            self.batch = train.to_global(data, self.mesh, args.batch)
+            self.batch = to_global(data, self.mesh, args.batch)
 
     def run(self, n: int) -> tuple[float, float]:
         import jax

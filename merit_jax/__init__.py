@@ -15,6 +15,6 @@ def __getattr__(name):  # `merit_jax.split.conflict_split(...)` etc. without imp
 
     if name == "split":  # DESIGN.md's `merit_jax.split.conflict_split`: the split's math lives in partition
         return importlib.import_module("merit_jax.partition")
-    if name in ("partition", "gradients", "merge", "merging", "checkpoint", "data", "models", "train", "diagnostics"):
+    if name in ("partition", "gradients", "merge", "merging", "checkpoint", "data", "models", "training", "diagnostics"):
         return importlib.import_module(f"merit_jax.{name}")
     raise AttributeError(name)

@@ -19,7 +19,6 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -28,14 +27,15 @@ from merit_jax.config import data_settings
 from merit_jax import checkpoint, diagnostics
 from merit_jax import merging as merge  # the merge library (merge_checkpoints, MERGE_INFO_FILE)
 from merit_jax import workdir as wd
-from merit_jax.data import packing
 from merit_jax.data.mixture import load_mixture, load_tokenizer
 from merit_jax.data.vision import is_vl_run, row_images_for
 from merit_jax.lmms_eval_functions import exact_match
 from merit_jax.models import params as P
 from merit_jax.models.generate import generate, left_pad
-from merit_jax.models.inputs import batch_token_ce
 from merit_jax.models.io import load_model
+from merit_jax.sharding import make_mesh
+from merit_jax.training.heldout import HeldoutEval
+from merit_jax.training.step import SplitModel
 
 log = logging.getLogger(__name__)
 RESULTS = "evaluate/results.json"
@@ -63,9 +63,8 @@ def baseline_config(cfg, workdir: pathlib.Path, name: str):
 
 def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
     """Trains (or reuses) baseline `name`; returns its merged checkpoint."""
-    from merit_jax import train
     from merit_jax.stages import merge as merge_stage
-    from merit_jax.stages import split
+    from merit_jax.stages import split, train
 
     sub_dir = workdir / "baselines" / name
     out = wd.merged_dir(sub_dir)
@@ -90,14 +89,14 @@ def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
 class Evaluator:
     """Per-task held-out loss and exact-match accuracy of any parameters with the template's structure.
 
-    Shapes are fixed (rows of `batch` examples padded to `max_len`), so everything compiles once.
+    Losses come from the trainer's held-out evaluator (merit_jax.training.heldout) on this process's first
+    device; shapes are fixed (rows of `batch` examples padded to `max_len`), so everything compiles once.
     """
 
     def __init__(self, template: nnx.Module, mixture, tokenizer, *, max_len: int, batch: int = 32,
                  max_new_tokens: int = 16, make_images=None, logits_chunk: int = 0):
         self.template, self.tokenizer = template, tokenizer
         self.make_images = make_images  # Qwen2.5-VL: examples -> RowImages (images per row, generate_vl)
-        self.graphdef, _ = nnx.split(template)
         self.tasks = list(mixture.tasks)
         self.heldout = [(name, ex) for name in self.tasks for ex in mixture.tasks[name].heldout]
         if not self.heldout:
@@ -108,36 +107,13 @@ class Evaluator:
         if self.eos_id is None or self.eos_id == tokenizer.unk_token_id:
             self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id or 0
-        self._batches = {key: self._make_batches(items) for key, items in
-                         (("heldout", self.heldout), ("train", self.train_sample))}
+        self._split = SplitModel(template)
+        mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+        self._shardings = self._split.shardings(mesh)
+        self._losses = {key: HeldoutEval(self._split, _by_task(items), mesh, max_len, batch, self._shardings,
+                                         make_images=make_images, logits_chunk=logits_chunk)
+                        for key, items in (("heldout", self.heldout), ("train", self.train_sample))}
         self._gen_images = self._fit_generation_images()
-
-        @jax.jit
-        def row_losses(state, batch):
-            ce = batch_token_ce(nnx.merge(self.graphdef, state), batch, logits_chunk) * batch["loss_mask"]
-            return ce.sum(-1), batch["loss_mask"].sum(-1)
-
-        self._row_losses = row_losses
-
-    def _make_batches(self, items):
-        """((batch_fn, starts), n): batch_fn(start) builds a batch when needed (images are decoded per batch,
-        never all at once)."""
-        examples = [ex for _, ex in items]
-        rows = packing.pad_batch(examples, self.max_len)
-        n = len(examples)
-        pad = (-n) % self.batch
-        rows = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in rows.items()}
-        images = None
-        if self.make_images is not None:  # sizes fitted once on every example: one compilation
-            images = self.make_images(examples).fit([[i] for i in range(n)])
-
-        def batch(i):
-            out = {k: v[i:i + self.batch] for k, v in rows.items()}
-            if images is not None:  # padding rows get stand-in images (well-formed, never picked)
-                out = images.add(out, [[j] for j in range(i, min(i + self.batch, n))])
-            return {k: jnp.asarray(v) for k, v in out.items()}
-
-        return (batch, range(0, n + pad, self.batch)), n
 
     def _fit_generation_images(self):
         """Qwen2.5-VL: (RowImages for the processor, LayoutSizes, images per batch) fitted on every generation
@@ -159,17 +135,11 @@ class Evaluator:
         return nnx.split(self.template)[1]
 
     def task_losses(self, flat: dict, which: str = "heldout") -> dict[str, float]:
-        (batch, starts), n = self._batches[which]
-        state = self.state_of(flat)
-        sums, counts = zip(*[jax.device_get(self._row_losses(state, batch(i))) for i in starts])
-        sums, counts = np.concatenate(sums)[:n], np.concatenate(counts)[:n]
-        items = self.heldout if which == "heldout" else self.train_sample
-        out = {}
-        for name in self.tasks:
-            idx = [i for i, (t, _) in enumerate(items) if t == name]
-            if idx:
-                out[name] = float(sums[idx].sum() / max(counts[idx].sum(), 1.0))
-        return out
+        """{task: mean cross-entropy per supervised token} over the held-out set (or the train sample)."""
+        self.state_of(flat)  # names checked, dtypes the template's
+        params = jax.device_put(SplitModel.params_of(self.template), self._shardings)
+        losses = self._losses[which].task_losses(params)
+        return {name: losses[name] for name in self.tasks if name in losses}
 
     def mean_loss(self, flat: dict, which: str = "heldout") -> float:
         return float(np.mean(list(self.task_losses(flat, which).values())))
@@ -226,6 +196,13 @@ class Evaluator:
         loss, acc = self.task_losses(flat), self.accuracy(flat)
         return {"loss": loss, "accuracy": acc, "mean_loss": float(np.mean(list(loss.values()))),
                 "mean_accuracy": float(np.mean(list(acc.values())))}
+
+
+def _by_task(items) -> dict[str, list]:
+    out = {}
+    for name, ex in items:
+        out.setdefault(name, []).append(ex)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -295,8 +272,8 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     file, written after results.json: a failure here costs no model's evaluation), or {"skipped": why} where it
     does not apply; None when evaluate.hessian_alignment is off. Skipped when the file exists."""
     from merit_jax import alignment
+    from merit_jax.config import mesh_for
     from merit_jax.partition import pca_scores
-    from merit_jax.train import mesh_for
 
     e = cfg.evaluate
     out_file = workdir / ALIGNMENT

@@ -55,16 +55,17 @@ def hf_config_of(cfg) -> dict:
     if cfg.model.hf_path:
         from merit_jax.models.io import read_config
         return read_config(cfg.model.hf_path)
-    from merit_jax.basin import tiny_config
+    from merit_jax.config import model_settings
     from merit_jax.data.mixture import load_tokenizer
-    return tiny_config(cfg, load_tokenizer(data_settings(cfg)))
+    from merit_jax.training.tiny import tiny_config
+    return tiny_config(model_settings(cfg), load_tokenizer(data_settings(cfg)))
 
 
 def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks: int | None = None,
          workdir=None) -> dict:
     """The plan of `cfg` on `topology` as the --json record (see module docstring); raises PlanError."""
     from merit_jax import plan_programs as pp
-    from merit_jax import train
+    from merit_jax.config import train_settings
     from merit_jax.models import attention
     from merit_jax.sharding import make_mesh
 
@@ -73,7 +74,7 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
         raise PlanError(f"--programs: unknown {unknown}; expected some of {', '.join(PROGRAMS)}")
     topo = hardware.topology(topology)
     devices = hardware.devices(topo)
-    s = train.train_settings(cfg)
+    s = train_settings(cfg)
     try:
         mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tp), devices=devices)
         s.validate(mesh)

@@ -29,11 +29,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from merit_jax.config import data_settings
-from merit_jax import train
+from merit_jax.config import TrainSettings, data_settings
 from merit_jax.models import params as P
 from merit_jax.models.inputs import batch_keys
 from merit_jax.sharding import batch_sharding
+from merit_jax.training.heldout import jit_eval_step
+from merit_jax.training.step import SplitModel, build_step_functions
 
 PROGRAMS = ("train_step", "extract_step", "eval_step")
 
@@ -54,7 +55,7 @@ class _Abstract(jax.ShapeDtypeStruct):
         raise TypeError(f"an abstract parameter {self.shape} has no values to index with {index!r}")
 
 
-def abstract_model(hf_config: dict, s: train.TrainSettings, mesh: Mesh, source: str = "config.json") -> nnx.Module:
+def abstract_model(hf_config: dict, s: TrainSettings, mesh: Mesh, source: str = "config.json") -> nnx.Module:
     """The model of a HF config (nnx.eval_shape: no weights), each parameter a ShapeDtypeStruct with its
     sharding on `mesh` (as load_model places the weights)."""
     from merit_jax.convert.hf import model_factory
@@ -118,26 +119,26 @@ def batch_structs(mesh: Mesh, rows: int, seq_len: int, images: dict | None, lead
 # ------------------------------------------------------------------------------------------ programs
 
 
-def train_step(model: nnx.Module, s: train.TrainSettings, mesh: Mesh, images):
+def train_step(model: nnx.Module, s: TrainSettings, mesh: Mesh, images):
     """(jitted train step, its abstract (state, batch)): build_step_functions, as train_model runs it."""
-    split = train.SplitModel(model)
-    fns = train.build_step_functions(split, s, num_steps=1000, mesh=mesh)
+    split = SplitModel(model)
+    fns = build_step_functions(split, s, num_steps=1000, mesh=mesh)
     state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), fns.abstract_state,
                          fns.state_shardings)
     return fns.train_step, (state, batch_structs(mesh, s.batch_size, s.seq_len, images))
 
 
-def eval_step(model: nnx.Module, s: train.TrainSettings, mesh: Mesh, images, num_tasks: int):
+def eval_step(model: nnx.Module, s: TrainSettings, mesh: Mesh, images, num_tasks: int):
     """(jitted held-out eval step, its abstract (params, batch)): what HeldoutEval runs during training."""
-    split = train.SplitModel(model)
+    split = SplitModel(model)
     shardings = split.shardings(mesh)
     params = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
               for k, (shape, dtype) in P.specs(split.abstract).items()}
     rows = s.eval_batch_size or s.batch_size
     batch = batch_structs(mesh, rows, s.seq_len, images)
     batch["task_id"] = jax.ShapeDtypeStruct((rows,), np.int32, sharding=batch_sharding(mesh, 1))
-    step = train.jit_eval_step(split, max(num_tasks, 1), mesh, shardings, images is not None,
-                               dict(s.xla_options), s.logits_chunk)
+    step = jit_eval_step(split, max(num_tasks, 1), mesh, shardings, images is not None,
+                         dict(s.xla_options), s.logits_chunk)
     return step, (params, batch)
 
 
@@ -303,7 +304,7 @@ def _refusal(error, args) -> tuple[int, int, int, int, int]:
 # ------------------------------------------------------------------------------------------ model flops
 
 
-def flop_model(model: nnx.Module, s: train.TrainSettings) -> dict[str, Any]:
+def flop_model(model: nnx.Module, s: TrainSettings) -> dict[str, Any]:
     """Parameter counts that multiply activations: the language side (an untied input embedding is a
     lookup, not a matmul), the vision blocks (per patch) and the patch merger (per merged unit)."""
     text = model.config

@@ -388,7 +388,7 @@ def synthetic(tmp_path_factory):
     """(cfg, workdir, tasks.json record) after the extract stage (reduction=full, 16 calibration examples)
     on the default 8-device mesh, at the θ⁰ the basin stage makes with basin.steps=0: the shipped random
     tiny model (cheap: no training)."""
-    from merit_jax import basin
+    from merit_jax.stages import basin
     workdir = tmp_path_factory.mktemp("wd")
     cfg = get_config()
     cfg.basin.steps = 0

@@ -10,7 +10,7 @@ from flax import nnx
 from merit_jax.losses import chunked_token_ce, token_ce
 from merit_jax.models.config import ModelConfig, tiny_hf_config
 from merit_jax.models.qwen2 import Qwen2ForCausalLM
-from merit_jax.train import SplitModel, forward_losses
+from merit_jax.training.step import SplitModel, forward_losses
 
 
 def _model(vocab, tie=True):

@@ -18,7 +18,10 @@ from flax import nnx
 
 from merit_jax.config import data_settings
 from merit_jax import config
-from merit_jax import hardware, plan, train
+from merit_jax import hardware, plan
+from merit_jax.config import mesh_for
+from merit_jax.training.feed import to_global
+from merit_jax.training.step import SplitModel, build_step_functions
 from merit_jax.plan_programs import dot_flops
 from tests.test_train_utils import REPO, make_config, random_params, set_key
 
@@ -113,7 +116,7 @@ def test_a_config_too_large_for_its_chips_is_refused_by_name(tmp_path):
 
 def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
     from merit_jax import gradients as extract
-    from merit_jax.basin import tiny_config
+    from merit_jax.training.tiny import tiny_config
     from merit_jax.convert.hf import model_factory
     from merit_jax.data.mixture import load_tokenizer
 
@@ -122,17 +125,17 @@ def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
     assert record["chips"] == len(jax.devices()) == 8 and record["programs"]["train_step"]["fits"] is None
 
     s = config.train_settings(cfg)
-    mesh = train.mesh_for(cfg)
-    hf = tiny_config(cfg, load_tokenizer(data_settings(cfg)))
+    mesh = mesh_for(cfg)
+    hf = tiny_config(config.model_settings(cfg), load_tokenizer(data_settings(cfg)))
     make = model_factory(hf, dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat)
-    model = train.SplitModel(nnx.eval_shape(make))
-    fns = train.build_step_functions(model, s, num_steps=10, mesh=mesh)
+    model = SplitModel(nnx.eval_shape(make))
+    fns = build_step_functions(model, s, num_steps=10, mesh=mesh)
     params = {k: jax.device_put(v, fns.param_shardings[k]) for k, v in random_params(hf).items()}
     batch = {k: np.zeros((s.batch_size, s.seq_len), np.float32 if k == "loss_mask" else np.int32)
              for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
     with jax.set_mesh(mesh):
         state = fns.init_state(params)
-        direct = {"train_step": fns.train_step.lower(state, train.to_global(batch, mesh, s.batch_size)).compile()}
+        direct = {"train_step": fns.train_step.lower(state, to_global(batch, mesh, s.batch_size)).compile()}
     module = model.module(params)  # the weights on the mesh, as load_model places them
     names = extract.select_params(list(params), list(cfg.extract.include), list(cfg.extract.exclude))
     ex = extract.TaskExtractor(module, names, config.extract_options(cfg), mesh=mesh)

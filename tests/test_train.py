@@ -14,10 +14,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from merit_jax import checkpoint, config
 from merit_jax.config import data_settings
-from merit_jax import config
-from merit_jax import basin, checkpoint, train
 from merit_jax import workdir as wd
+from merit_jax.config import DEFAULT_NO_DECAY, TrainSettings
+from merit_jax.errors import ConfigError
+from merit_jax.stages import basin, train
+from merit_jax.training.feed import to_global
+from merit_jax.training.optim import decay_mask, make_optimizer, make_schedule
+from merit_jax.training.step import SplitModel, build_step_functions
 from merit_jax.convert.hf import model_factory
 from merit_jax.models.io import read_config
 from merit_jax.sharding import make_mesh
@@ -57,14 +62,14 @@ def _run_steps(mesh, settings, batches, remat="none"):
     """Losses and final parameters of len(batches) train steps on `mesh`, from the same random start."""
     hf = tiny_hf_config(VOCAB)
     make = model_factory(hf, dtype=settings.param_dtype, compute_dtype=settings.compute_dtype, remat=remat)
-    model = train.SplitModel(nnx.eval_shape(make))
-    fns = train.build_step_functions(model, settings, num_steps=10, mesh=mesh)
+    model = SplitModel(nnx.eval_shape(make))
+    fns = build_step_functions(model, settings, num_steps=10, mesh=mesh)
     params = {k: jax.device_put(v, fns.param_shardings[k]) for k, v in random_params(hf, seed=1).items()}
     losses = []
     with jax.set_mesh(mesh):
         state = fns.init_state(params)
         for batch in batches:
-            state, metrics = fns.train_step(state, train.to_global(batch, mesh, B))
+            state, metrics = fns.train_step(state, to_global(batch, mesh, B))
             losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     return np.array(losses), state
 
@@ -74,8 +79,8 @@ BATCHES = _batches(1) * 2
 
 @pytest.fixture(scope="module")
 def single_device_run():
-    s = train.TrainSettings(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1, batch_size=B, seq_len=S,
-                            xla_options=tuple(FAST_COMPILE.items()))
+    s = TrainSettings(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1, batch_size=B, seq_len=S,
+                      xla_options=tuple(FAST_COMPILE.items()))
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     losses, state = _run_steps(mesh, s, BATCHES)
     return s, losses, jax.device_get(state["params"])
@@ -129,28 +134,28 @@ def test_bf16_compute_keeps_fp32_master_weights_and_optimizer_state(single_devic
 
 
 def test_schedule_warmup_then_decay():
-    s = train.TrainSettings(learning_rate=1.0, warmup_steps=4, min_lr_ratio=0.1)
-    cos = [float(train.make_schedule(s, 14)(i)) for i in range(15)]  # steps 0..13 update; 14 is one past
+    s = TrainSettings(learning_rate=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    cos = [float(make_schedule(s, 14)(i)) for i in range(15)]  # steps 0..13 update; 14 is one past
     np.testing.assert_allclose(cos[:4], [0.2, 0.4, 0.6, 0.8], rtol=1e-6)  # never 0: the first step counts
     assert cos[4] == pytest.approx(1.0) and cos[14] == pytest.approx(0.1) and cos[13] > 0.1
     assert all(a > b for a, b in zip(cos[4:], cos[5:]))
-    lin = train.make_schedule(train.TrainSettings(learning_rate=1.0, warmup_steps=0, schedule="linear"), 10)
+    lin = make_schedule(TrainSettings(learning_rate=1.0, warmup_steps=0, schedule="linear"), 10)
     np.testing.assert_allclose([float(lin(i)) for i in range(10)], np.linspace(1.0, 0.1, 10), atol=1e-6)
-    const = train.make_schedule(train.TrainSettings(learning_rate=0.5, warmup_steps=0, schedule="constant"), 5)
+    const = make_schedule(TrainSettings(learning_rate=0.5, warmup_steps=0, schedule="constant"), 5)
     assert float(const(4)) == 0.5
 
 
 def test_weight_decay_mask_spares_biases_norms_embeddings():
     names = ["lm_head/kernel", "model/embed_tokens/embedding", "model/layers/0/self_attn/q_proj/bias",
              "model/layers/0/self_attn/q_proj/kernel", "model/layers/0/input_layernorm/scale", "model/norm/scale"]
-    mask = train.decay_mask(names, train.DEFAULT_NO_DECAY)
+    mask = decay_mask(names, DEFAULT_NO_DECAY)
     assert [n for n in names if mask[n]] == ["lm_head/kernel", "model/layers/0/self_attn/q_proj/kernel"]
-    assert all(train.decay_mask(names, []).values())  # train.no_decay=[]: decay everything
+    assert all(decay_mask(names, []).values())  # train.no_decay=[]: decay everything
     # And the optimizer applies it: with zero gradients only decayed tensors move.
     params = {n: jnp.ones((2,)) for n in names}
     for opt in ("adamw", "sgd"):
-        tx = train.make_optimizer(train.TrainSettings(optimizer=opt, weight_decay=0.5, learning_rate=0.1,
-                                                      warmup_steps=0, schedule="constant"), 10, names)
+        tx = make_optimizer(TrainSettings(optimizer=opt, weight_decay=0.5, learning_rate=0.1,
+                                          warmup_steps=0, schedule="constant"), 10, names)
         updates, _ = tx.update({n: jnp.zeros((2,)) for n in names}, tx.init(params), params)
         assert {n for n in names if float(jnp.abs(updates[n]).max()) > 0} == {n for n in names if mask[n]}, opt
 
@@ -281,7 +286,7 @@ def test_finished_branch_is_skipped_without_reading_data(stage_run):
 ], ids=["mesh", "batch", "accum", "batch-tokens", "optimizer", "max-len", "branch", "negative-branch"])
 def test_bad_config_fails_before_any_compute(stage_run, overrides, branch, message):
     cfg = make_config(**overrides)
-    with pytest.raises(train.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         train.run(cfg, stage_run["workdir"], branch=branch)
     assert message in str(err.value)
     assert not wd.branch_dir(stage_run["workdir"], 0).exists()
@@ -294,11 +299,11 @@ def test_partition_naming_unknown_tasks_fails_before_any_compute(tmp_path, stage
     shutil.copytree(stage_run["workdir"] / "basin", workdir / "basin")
     write_partition(workdir, [[BRANCH_TASKS[0], "no_such_task"]])
     cfg = make_config()
-    with pytest.raises(train.ConfigError, match=r"names task\(s\) \['no_such_task'\] that the data does not"):
+    with pytest.raises(ConfigError, match=r"names task\(s\) \['no_such_task'\] that the data does not"):
         train.run(cfg, workdir, branch=0)
     (workdir / "extract").mkdir()
     (workdir / "extract" / "tasks.json").write_text(json.dumps([{"name": t} for t in BRANCH_TASKS]))
-    with pytest.raises(train.ConfigError, match=r"names task\(s\) \['no_such_task'\] that .*tasks.json does not"):
+    with pytest.raises(ConfigError, match=r"names task\(s\) \['no_such_task'\] that .*tasks.json does not"):
         train.run(cfg, workdir, branch=0)
     assert not (workdir / "branches").exists()
 

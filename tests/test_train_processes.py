@@ -14,7 +14,8 @@ import signal
 import numpy as np
 import pytest
 
-from merit_jax import train
+from merit_jax.stages import train
+from merit_jax.training.runlog import PREEMPTED_EXIT_CODE
 from merit_jax import workdir as wd
 from tests.test_train_utils import (BRANCH_TASKS, child_env, final_params, finish, free_port, start_child,
                                     write_partition, write_theta0)
@@ -62,7 +63,7 @@ def runs(tmp_path_factory):
 
 
 def test_sigterm_saves_and_exits_cleanly(runs):
-    assert runs["rc"] == train.PREEMPTED_EXIT_CODE, runs["log"]
+    assert runs["rc"] == PREEMPTED_EXIT_CODE, runs["log"]
     assert "Traceback" not in runs["log"], runs["log"]
     assert "preempted" in runs["log"] and "state saved at step 4" in runs["log"]
     ckpt = wd.branch_dir(runs["cut_dir"], 0) / "ckpt"
@@ -71,7 +72,7 @@ def test_sigterm_saves_and_exits_cleanly(runs):
 
 def test_sigkill_then_resume_equals_uninterrupted(runs):
     tmp, env, ref_dir, cut_dir = runs["tmp"], runs["env"], runs["ref_dir"], runs["cut_dir"]
-    assert runs["rc"] == train.PREEMPTED_EXIT_CODE, runs["log"]
+    assert runs["rc"] == PREEMPTED_EXIT_CODE, runs["log"]
     # Resumes at 4, is killed hard at step 7 (its async save at step 6 may be half-written).
     p = start_child(tmp, "killed", {"runs": [dict(RUN, workdir=str(cut_dir), signal_at=[7, "SIGKILL"])]}, env)
     rc, log = finish(p, tmp, "killed")

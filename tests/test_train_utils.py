@@ -113,7 +113,7 @@ sys.path.insert(0, os.path.join(spec["repo"], "tests"))
 from merit_jax import distributed
 distributed.initialize()  # from MERIT_* variables when the test starts several processes
 import jax
-from merit_jax import train
+from merit_jax.stages import train
 from test_train_utils import make_config
 
 for run in spec["runs"]:  # one after another in this process (later runs hit the compile cache)

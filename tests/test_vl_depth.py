@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from configs.tiny_vl import get_config
-from merit_jax import basin
 from merit_jax import partition as split
-from merit_jax.stages import extract
+from merit_jax.stages import basin, extract
 
 
 @pytest.fixture(scope="module")

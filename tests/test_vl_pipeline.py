@@ -32,7 +32,7 @@ from merit_jax.models import params as P
 from merit_jax.models.inputs import batch_logits
 from merit_jax.models.io import load_model
 from merit_jax.models.qwen2_5_vl import generate_vl
-from merit_jax.train import frozen_names
+from merit_jax.training.optim import frozen_names
 from tests.vl_fixtures import RELEASE_TASKS, write_vision_flan_release
 
 ROOT = Path(__file__).resolve().parents[1]
