@@ -39,7 +39,7 @@ def doc_to_text(doc):
 
 
 def exact_match(generation: str, answer: str) -> float:
-    """merit_jax's exact match (merit_jax.evaluate): the answer up to the end-of-turn token, stripped."""
+    """merit_jax's exact match (merit_jax.evaluation): the answer up to the end-of-turn token, stripped."""
     return float(generation.strip() == answer.strip())
 
 

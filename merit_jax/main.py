@@ -9,8 +9,6 @@ Each stage skips what it finds finished and resumes what it finds interrupted.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -25,8 +23,23 @@ from ml_collections import config_flags
 
 from merit_jax import config as config_lib
 from merit_jax import workdir as wd
+from merit_jax.stages import basin, evaluate, export, extract, merge, report, split, train
 
-STAGES = ("basin", "extract", "split", "train", "merge", "export", "evaluate", "report")
+# The pipeline, in order: each stage reads what the earlier ones wrote into the work directory.
+STAGES = {
+    "basin": basin.run,  # θ⁰: a short joint pre-alignment run (when basin.enabled)
+    "extract": extract.run,  # dataset-level task gradients at θ⁰
+    "split": split.run,  # cosine matrix, PCA, recursive median split into K groups
+    "train": train.run,  # one branch per group from θ⁰ (--branch K: one of them)
+    "merge": merge.run,  # θ̄ = Σ_k w_k θ_k
+    "export": export.run,  # θ̄ as a Hugging Face checkpoint
+    "evaluate": evaluate.run,  # every model on the held-out sets, diagnostics; after the baselines below
+    "report": report.run,  # tables and pictures
+}
+# Baselines (evaluate.baselines) are sub-pipelines in WORKDIR/baselines/NAME, each on its own config
+# (stages/evaluate.baseline_config: the run's θ⁰, data and extraction, another split or schedule), run before
+# the evaluate stage; `uniform` trains nothing: it re-merges the run's branches with equal weights.
+BASELINE_STAGES = ("split", "train", "merge")
 log = logging.getLogger("merit_jax")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (a .py with get_config()).",
@@ -36,20 +49,30 @@ _STAGE = flags.DEFINE_enum("stage", "all", ("all", *STAGES), "Stage to run.")
 _BRANCH = flags.DEFINE_integer("branch", None, "With --stage train: train only this branch (0-based).")
 
 
+def run_baselines(cfg, workdir: pathlib.Path) -> None:
+    """Each baseline of evaluate.baselines, resumable and skipped once its merged model exists."""
+    for name in config_lib.evaluate_settings(cfg).baselines:
+        if name == "uniform":
+            evaluate.merge_uniform(workdir)
+            continue
+        sub_cfg, sub_dir = evaluate.baseline_config(cfg, workdir, name), evaluate.baseline_dir(workdir, name)
+        for stage in BASELINE_STAGES:
+            STAGES[stage](sub_cfg, sub_dir)
+
+
 def stages_to_run(cfg, stage: str) -> list[str]:
     if stage != "all":
         return [stage]
-    return [s for s in STAGES if s != "basin" or cfg.basin.enabled]
+    return [s for s in STAGES if s != "basin" or config_lib.basin_settings(cfg).enabled]
 
 
 def run_stage(name: str, cfg, workdir: pathlib.Path, branch: int | None = None) -> None:
-    # A stage's driver is merit_jax/stages/{name}.py where it has moved there, else merit_jax/{name}.py.
-    moved = importlib.util.find_spec(f"merit_jax.stages.{name}") is not None
-    module = importlib.import_module(f"merit_jax.stages.{name}" if moved else f"merit_jax.{name}")
     kwargs = {"branch": branch} if name == "train" else {}
     start = time.time()
     log.info("stage %s: start", name)
-    module.run(cfg, workdir, **kwargs)
+    if name == "evaluate":
+        run_baselines(cfg, workdir)
+    STAGES[name](cfg, workdir, **kwargs)
     # Every process finishes a stage before any starts the next (process 0 alone writes some outputs).
     multihost_utils.sync_global_devices(f"merit_jax stage {name}")
     log.info("stage %s: done in %.1fs", name, time.time() - start)

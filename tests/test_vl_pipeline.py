@@ -146,7 +146,7 @@ def test_per_example_gradients_with_images_equal_single_example_gradients(calib)
 def test_generation_compiles_once_for_held_out_batches_of_different_images(vl_run, calib):
     """evaluate's exact match: one layout size fitted on every generation batch, so generate_vl compiles once;
     its answers equal generate_vl's on each batch's own unpadded images."""
-    from merit_jax.evaluate import Evaluator
+    from merit_jax.evaluation import Evaluator
     from merit_jax.models.qwen2_5_vl import _generate_vl
 
     workdir, cfg = vl_run

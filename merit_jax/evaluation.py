@@ -1,34 +1,20 @@
-"""The `evaluate` stage: held-out loss and exact-match accuracy per task for θ⁰, every branch, the merged
-model and the baselines the config asks for, plus the merge-readiness diagnostics.
-
-Baselines are whole MERIT sub-runs with another config, in WORKDIR/baselines/NAME/ (each resumable and
-skipped once done), all from the same θ⁰ and at the same training tokens as the main run:
-  joint    split.method=none (one branch on every task), train.epochs as the main run
-  joint2   the same with twice the epochs
-  random   split.method=random (token-balanced, seeded), same depth
-  conflict split.method=conflict (cosine k-means, see docs/SPLIT.md), same depth
-  uniform  the main run's branches merged with equal weights (no training)
-Results: WORKDIR/evaluate/results.json (the report stage turns it into tables and pictures).
+"""Evaluation (the evaluate stage's library: merit_jax/stages/evaluate.py): per-task held-out loss and
+exact-match accuracy of any parameters with the template's structure, and the merge-readiness diagnostics
+(displacement, train vs held-out, weight noise, linear mode connectivity, the merging gain of Theorem 1).
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
-import shutil
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from merit_jax.config import data_settings
 from merit_jax import checkpoint, diagnostics
-from merit_jax import merging as merge  # the merge library (merge_checkpoints, MERGE_INFO_FILE)
-from merit_jax import workdir as wd
-from merit_jax.data.mixture import load_mixture, load_tokenizer
-from merit_jax.data.vision import is_vl_run, row_images_for
+from merit_jax.config import EvaluateSettings
 from merit_jax.lmms_eval_functions import exact_match
 from merit_jax.models import params as P
 from merit_jax.models.generate import generate, left_pad
@@ -38,52 +24,7 @@ from merit_jax.training.heldout import HeldoutEval
 from merit_jax.training.step import SplitModel
 
 log = logging.getLogger(__name__)
-RESULTS = "evaluate/results.json"
 DIAGNOSED = ("theta0", "merit", "joint", "joint2")  # models the merge diagnostics look at (with the branches)
-
-
-# ------------------------------------------------------------------------------------------- baselines
-
-
-def baseline_config(cfg, workdir: pathlib.Path, name: str):
-    """The config of baseline `name`: same θ⁰, data and hyperparameters, another split or schedule."""
-    sub = cfg.copy_and_resolve_references()
-    with sub.unlocked():
-        sub.model.hf_path = str(wd.theta0(cfg, workdir).absolute())
-        sub.basin.enabled = False
-        if not cfg.data.path and not list(cfg.data.tasks):  # share the main run's generated mixture
-            from merit_jax.data.sources import synthetic_dir
-            sub.data.path = str(synthetic_dir(data_settings(cfg), workdir).absolute())
-        sub.split.method = {"joint": "none", "joint2": "none"}.get(name, name)
-        if name == "joint2":
-            sub.train.epochs = 2 * cfg.train.epochs
-        sub.evaluate.baselines = []
-    return sub
-
-
-def run_baseline(cfg, workdir: pathlib.Path, name: str) -> pathlib.Path:
-    """Trains (or reuses) baseline `name`; returns its merged checkpoint."""
-    from merit_jax.stages import merge as merge_stage
-    from merit_jax.stages import split, train
-
-    sub_dir = workdir / "baselines" / name
-    out = wd.merged_dir(sub_dir)
-    if checkpoint.is_checkpoint(out):
-        return out
-    if name == "uniform":
-        branches = [wd.branch_final(workdir, k) for k in range(len(wd.read_partition(workdir)["groups"]))]
-        return merge.merge_checkpoints(branches, out, method="uniform", overwrite=True)
-    sub = baseline_config(cfg, workdir, name)
-    if not (sub_dir / "extract" / "tasks.json").exists():  # the split reads the main run's gradients
-        shutil.copytree(wd.extract_dir(workdir), sub_dir / "extract", dirs_exist_ok=True)
-    log.info("baseline %s: split=%s epochs=%s in %s", name, sub.split.method, sub.train.epochs, sub_dir)
-    split.run(sub, sub_dir)
-    train.run(sub, sub_dir)
-    merge_stage.run(sub, sub_dir)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- evaluator
 
 
 class Evaluator:
@@ -205,18 +146,7 @@ def _by_task(items) -> dict[str, list]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ stage
-
-
-def models_to_evaluate(cfg, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
-    models = {"theta0": wd.theta0(cfg, workdir)}
-    k = len(wd.read_partition(workdir)["groups"])
-    if k > 1:
-        models.update({f"branch{i}": wd.branch_final(workdir, i) for i in range(k)})
-    models["merit"] = wd.merged_dir(workdir)
-    for name in cfg.evaluate.baselines:
-        models[name] = run_baseline(cfg, workdir, name)
-    return models
+# ------------------------------------------------------------------------------------------ diagnostics
 
 
 def load_flat(path: pathlib.Path) -> dict:
@@ -225,26 +155,11 @@ def load_flat(path: pathlib.Path) -> dict:
     return P.flatten(load_model(path))
 
 
-def run(cfg, workdir: pathlib.Path) -> dict:
-    workdir = pathlib.Path(workdir)
-    out_file = workdir / RESULTS
-    if out_file.is_file():
-        log.info("evaluate: %s exists, skipping", out_file)
-        alignment_diagnostic(cfg, workdir)
-        return wd.read_json(out_file)
-    models = models_to_evaluate(cfg, workdir)
-    tokenizer = load_tokenizer(data_settings(cfg))
-    mixture = load_mixture(data_settings(cfg), tokenizer, workdir)
-    template = load_model(models["theta0"])
-    ev = Evaluator(template, mixture, tokenizer, max_len=cfg.data.max_len,
-                   batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens,
-                   make_images=row_images_for(data_settings(cfg), template), logits_chunk=int(cfg.model.get("logits_chunk", 0)))
-    results = {"models": {}, "families": {n: t.family for n, t in mixture.tasks.items()},
-               "data": {"records": mixture.stats["records"], "truncated": mixture.stats["truncated"],
-                        "skipped": mixture.stats["skipped"], "max_len": int(cfg.data.max_len),
-                        "truncation": cfg.data.truncation,
-                        "train_examples": {n: len(t.train) for n, t in mixture.tasks.items()},
-                        "heldout_examples": {n: len(t.heldout) for n, t in mixture.tasks.items()}}}
+def evaluate_models(ev: Evaluator, models: dict[str, pathlib.Path], s: EvaluateSettings, seed: int,
+                    merge_weights) -> dict:
+    """{"models": {name: losses, accuracies, path}, "diagnostics": {...}} of every model (θ⁰ first);
+    `merge_weights`: the merged model's branch weights (merging's record), for the merging gain."""
+    results = {"models": {}}
     # One model in host memory at a time besides θ⁰ (K = 8 branches of a 3B model would otherwise take
     # ~150 GB): each model's own diagnostics are taken while it is loaded, the pairwise ones reload.
     theta0, own = None, {"displacement": {}, "train_vs_heldout": {}, "noise": {}}
@@ -256,69 +171,14 @@ def run(cfg, workdir: pathlib.Path) -> dict:
         if name == "theta0":
             theta0 = flat
         else:
-            model_diagnostics(cfg, ev, name, flat, theta0, result["mean_loss"], own)
+            model_diagnostics(s, seed, ev, name, flat, theta0, result["mean_loss"], own)
         del flat
-    results["diagnostics"] = {**branch_diagnostics(cfg, workdir, ev, models, theta0, results["models"]), **own}
-    wd.write_json(out_file, results)
-    alignment_diagnostic(cfg, workdir, mixture)
+    results["diagnostics"] = {**branch_diagnostics(s, merge_weights, ev, models, theta0, results["models"]), **own}
     return results
 
 
-ALIGNMENT = "evaluate/hessian_alignment.json"
-
-
-def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | None:
-    """Hessian–PCA alignment at θ⁰ (merit_jax.alignment) into WORKDIR/evaluate/hessian_alignment.json (its own
-    file, written after results.json: a failure here costs no model's evaluation), or {"skipped": why} where it
-    does not apply; None when evaluate.hessian_alignment is off. Skipped when the file exists."""
-    from merit_jax import alignment
-    from merit_jax.config import mesh_for
-    from merit_jax.partition import pca_scores
-
-    e = cfg.evaluate
-    out_file = workdir / ALIGNMENT
-    if not e.get("hessian_alignment", False):
-        return None
-    if out_file.is_file():
-        return wd.read_json(out_file)
-    partition = wd.read_partition(workdir)
-    record = wd.read_tasks_record(wd.tasks_file(workdir))
-    n_params, k = int(record["params"]["coordinates"]), int(e.get("hessian_k", 10))
-    need, budget = alignment.basis_bytes(n_params, k), int(e.get("hessian_max_bytes", 4 << 30))
-    why = ("the split did not cut along principal axes (split.method is not merit)"
-           if partition.get("method") != "merit" or not partition.get("depth") else
-           "Qwen2.5-VL calibration batches carry images; text models only for now" if is_vl_run(data_settings(cfg)) else
-           f"the Lanczos basis would take {need / 2**30:.1f} GiB for {n_params:,} parameters, over "
-           f"evaluate.hessian_max_bytes={budget / 2**30:.1f} GiB (narrow extract.include)" if need > budget else None)
-    if why:
-        log.warning("evaluate: Hessian–PCA alignment skipped: %s", why)
-        wd.write_json(out_file, {"skipped": why})
-        return {"skipped": why}
-    start = time.time()
-    if mixture is None:
-        mixture = load_mixture(data_settings(cfg), load_tokenizer(data_settings(cfg)), workdir)
-    tasks = [mixture.tasks[t["name"]].calib for t in record["tasks"]]
-    cos = np.load(wd.split_dir(workdir) / "cosine.npy")
-    # global axes: level l cut along axis l; local axes: only the first cut is along a global one
-    axes = int(partition["depth"]) if partition.get("axes", "global") == "global" else 1
-    pca = pca_scores(cos, axes, center=bool(partition.get("center", True)))
-    row_norms = np.sqrt(np.diag(np.load(wd.extract_dir(workdir) / "gram.npy")))
-    full = np.load(wd.extract_dir(workdir) / "task_grads.npy", mmap_mode="r") if record["reduction"] == "full" else None
-    mesh = mesh_for(cfg)
-    model = load_model(wd.theta0(cfg, workdir), mesh=mesh, compute_dtype=cfg.model.compute_dtype)
-    out = alignment.hessian_alignment(model, record["params"]["names"], tasks, record["per_example"], pca.axes_tr,
-                                      row_norms, task_grads_tp=full, k=k, hessian_examples=int(e.get("hessian_examples", 64)),
-                                      seed=int(cfg.get("seed", 0)), logits_chunk=int(cfg.model.get("logits_chunk", 0)),
-                                      mesh=mesh)
-    out["seconds"] = round(time.time() - start, 1)
-    log.info("evaluate: Hessian–PCA alignment %s (random %.2e) in %.1fs", ", ".join(f"{a:.3f}" for a in out["axes"]),
-             out["random_mean"], out["seconds"])
-    wd.write_json(out_file, out)
-    return out
-
-
-def model_diagnostics(cfg, ev: Evaluator, name: str, flat: dict, theta0: dict, heldout_loss: float,
-                      out: dict) -> None:
+def model_diagnostics(s: EvaluateSettings, seed: int, ev: Evaluator, name: str, flat: dict, theta0: dict,
+                      heldout_loss: float, out: dict) -> None:
     """One model's merge-readiness numbers into `out`: displacement from θ⁰ (branches, merged, joint), train
     vs held-out loss (merged, joint) and loss under relative weight noise (merged, joint)."""
     if name in DIAGNOSED or name.startswith("branch"):
@@ -326,22 +186,23 @@ def model_diagnostics(cfg, ev: Evaluator, name: str, flat: dict, theta0: dict, h
     if name in ("merit", "joint", "joint2"):
         out["train_vs_heldout"][name] = {"train": ev.mean_loss(flat, "train"), "heldout": heldout_loss}
     if name in ("merit", "joint"):
-        rob = diagnostics.noise_robustness(ev.mean_loss, flat, list(cfg.evaluate.noise_sigmas),
-                                           int(cfg.evaluate.noise_draws), jax.random.key(int(cfg.seed)))
+        rob = diagnostics.noise_robustness(ev.mean_loss, flat, list(s.noise_sigmas), int(s.noise_draws),
+                                           jax.random.key(int(seed)))
         out["noise"][name] = {"clean": rob["clean"], "sigmas": {
             str(s): {"mean": v["mean"], "std": v["std"]} for s, v in rob["by_sigma"].items()}}
 
 
-def branch_diagnostics(cfg, workdir, ev: Evaluator, models: dict, theta0: dict, results: dict) -> dict:
+def branch_diagnostics(s: EvaluateSettings, merge_weights, ev: Evaluator, models: dict, theta0: dict,
+                       results: dict) -> dict:
     """Linear-mode-connectivity barriers between θ⁰ and every branch, pairwise (the paper reports all of
     them), and the merging gain Σ_k w_k L(θ_k) − L(θ̄) of Theorem 1, on the mean held-out loss. Branches are
     loaded for each pair, so that at most two are in memory."""
     branches = [n for n in models if n.startswith("branch")]
     if not branches:
         return {}
-    w = np.asarray(wd.read_json(wd.merged_dir(workdir) / merge.MERGE_INFO_FILE)["weights"], np.float64)
+    w = np.asarray(merge_weights, np.float64)
     ends = ["theta0", *branches]
-    alphas = np.linspace(0.0, 1.0, int(cfg.evaluate.lmc_points))
+    alphas = np.linspace(0.0, 1.0, int(s.lmc_points))
     lmc = []
     for i, a in enumerate(ends):
         params_a = theta0 if a == "theta0" else load_flat(models[a])
