@@ -112,6 +112,11 @@ class BasinSettings:
     enabled: bool = True
     steps: int = 150
     learning_rate: float | None = None  # None: train.learning_rate
+    # None: as train.* (freeze: nothing frozen from a random start, whose vision tower must learn)
+    warmup_steps: int | None = None
+    batch_size: int | None = None
+    schedule: str | None = None
+    freeze: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +171,7 @@ class ExtractSettings:
     stability_sizes: tuple[int, ...] = (10, 25, 50, 100, 200)
     stability_draws: int = 20
     stability_reference: int = 0
+    xla_options: tuple[tuple[str, Any], ...] = ()  # per-jit XLA compiler options of the task function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +363,8 @@ def data_settings(cfg) -> DataSettings:
 
 
 def basin_settings(cfg) -> BasinSettings:
-    return _pick(BasinSettings, _section(cfg, "basin"))
+    b = _section(cfg, "basin")
+    return _pick(BasinSettings, b, freeze=None if b.get("freeze") is None else tuple(b["freeze"]))
 
 
 def extract_options(cfg) -> ExtractOptions:
@@ -372,6 +379,7 @@ def extract_settings(cfg) -> ExtractSettings:
     e = _section(cfg, "extract")
     return _pick(ExtractSettings, e, options=extract_options(cfg), include=tuple(e.get("include", (".*",))),
                  exclude=tuple(e.get("exclude", ())),
+                 xla_options=tuple(sorted(dict(e.get("xla_options") or {}).items())),
                  stability_sizes=tuple(int(x) for x in e.get("stability_sizes", (10, 25, 50, 100, 200))))
 
 

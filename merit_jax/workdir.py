@@ -17,11 +17,6 @@ def basin_dir(workdir: Path) -> Path:
     return Path(workdir) / "basin"
 
 
-def theta0(cfg, workdir: Path) -> Path:
-    """θ⁰ of a run's config (see `theta0_dir`)."""
-    return theta0_dir(workdir, basin=cfg.get("basin", {}).get("enabled", True), hf_path=cfg.model.hf_path)
-
-
 def theta0_dir(workdir: Path, *, basin: bool, hf_path: str) -> Path:
     """θ⁰: the basin stage's output when enabled, else the configured pretrained checkpoint."""
     if basin:

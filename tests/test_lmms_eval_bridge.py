@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from merit_jax.config import data_settings
+from merit_jax.stages import theta0_of
 from tests.test_vl_pipeline import SMALL
 from tests.vl_fixtures import (MULTIMODAL_CHAT_TEMPLATE, RELEASE_SIZES, RELEASE_TASKS, multimodal_vl_tokenizer,
                                write_vision_flan_release)
@@ -91,7 +92,7 @@ def test_lmms_eval_answers_and_scores_the_export_like_our_evaluate_stage(bridged
     workdir, cfg, results, samples = bridged
     # the evaluate stage's Evaluator, as the stage builds it, on the merged model
     tokenizer = load_tokenizer(data_settings(cfg))
-    template = load_model(wd.theta0(cfg, workdir))
+    template = load_model(theta0_of(cfg, workdir))
     ev = Evaluator(template, load_mixture(data_settings(cfg), tokenizer, None), tokenizer, max_len=cfg.data.max_len,
                    batch=cfg.evaluate.get("batch_size", 32), max_new_tokens=cfg.evaluate.max_new_tokens,
                    make_images=row_images_for(data_settings(cfg), template))

@@ -16,6 +16,7 @@ from flax import nnx
 
 from merit_jax import checkpoint, config
 from merit_jax.config import data_settings
+from merit_jax.stages import theta0_of
 from merit_jax import workdir as wd
 from merit_jax.config import DEFAULT_NO_DECAY, TrainSettings
 from merit_jax.errors import ConfigError
@@ -207,7 +208,7 @@ def stage_run(tmp_path_factory):
 
 def test_basin_writes_a_self_describing_theta0(stage_run):
     theta0, workdir = stage_run["theta0"], stage_run["workdir"]
-    assert theta0 == wd.basin_dir(workdir) == wd.theta0(stage_run["cfg"], workdir)
+    assert theta0 == wd.basin_dir(workdir) == theta0_of(stage_run["cfg"], workdir)
     assert checkpoint.is_checkpoint(theta0)
     hf = read_config(theta0)
     from merit_jax.data.mixture import load_tokenizer

@@ -82,13 +82,12 @@ def run(cfg, workdir) -> Path | None:
 def _train_overrides(cfg, basin: BasinSettings, model: ModelSettings) -> dict:
     """train.* keys the basin run replaces: its learning rate; basin.warmup_steps / batch_size / schedule when
     set; basin.freeze, else nothing frozen from a random start (its vision tower must learn), else train.freeze."""
-    b = cfg.basin
+    train = config.train_settings(cfg)
     overrides = {"learning_rate": float(basin.learning_rate if basin.learning_rate is not None
-                                        else cfg.train.learning_rate)}
+                                        else train.learning_rate)}
     for key in ("warmup_steps", "batch_size", "schedule"):
-        if b.get(key, None) is not None:
-            overrides[key] = b.get(key)
-    freeze = b.get("freeze", None)
-    overrides["freeze"] = tuple(freeze if freeze is not None else () if not model.hf_path
-                                else cfg.train.get("freeze", ()))
+        if getattr(basin, key) is not None:
+            overrides[key] = getattr(basin, key)
+    overrides["freeze"] = (basin.freeze if basin.freeze is not None else () if not model.hf_path
+                           else train.freeze)
     return overrides

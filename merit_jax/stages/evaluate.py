@@ -29,14 +29,11 @@ from merit_jax.data.vision import is_vl_run, row_images_for
 from merit_jax.evaluation import Evaluator, evaluate_models
 from merit_jax.merging import MERGE_INFO_FILE, merge_checkpoints
 from merit_jax.models.io import load_model
+from merit_jax.stages import theta0_of
 
 log = logging.getLogger(__name__)
 RESULTS = "evaluate/results.json"
 ALIGNMENT = "evaluate/hessian_alignment.json"
-
-
-def theta0_of(cfg, workdir: pathlib.Path) -> pathlib.Path:
-    return wd.theta0_dir(workdir, basin=config.basin_settings(cfg).enabled, hf_path=config.model_settings(cfg).hf_path)
 
 
 # ------------------------------------------------------------------------------------------- baselines

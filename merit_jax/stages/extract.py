@@ -19,6 +19,7 @@ import numpy as np
 
 from merit_jax import sketch as sk
 from merit_jax import workdir as wd
+from merit_jax.stages import theta0_of
 from merit_jax.config import ExtractSettings, data_settings, extract_settings, mesh_for
 from merit_jax.gradients import (TaskExtractor, check_calibration, select_params, seq_bucket,
                                  stability_curve, stability_protocol, task_stability)
@@ -64,7 +65,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.packing import pad_batch
     from merit_jax.models.io import load_model
-    from merit_jax.workdir import extract_dir, theta0, write_json
+    from merit_jax.workdir import extract_dir, write_json
 
     workdir = pathlib.Path(workdir)
     out = extract_dir(workdir)
@@ -81,14 +82,14 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     sizes = [int(m) for m in s.stability_sizes]
     draws = int(s.stability_draws)
 
-    theta = theta0(cfg, workdir)
+    theta = theta0_of(cfg, workdir)
     mesh = mesh_for(cfg)
     model = load_model(theta, mesh=mesh, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                        remat=cfg.model.get("remat", "none"), attention=cfg.model.get("attention", "xla"))
     tokenizer = load_tokenizer(data_settings(cfg))
     mixture = load_mixture(data_settings(cfg), tokenizer, workdir)
     names = select_params(list(P.flatten(model)), list(s.include), list(s.exclude))
-    extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=_xla_options(cfg.extract))
+    extractor = TaskExtractor(model, names, options, mesh=mesh, compiler_options=dict(s.xla_options))
 
     vocab = _vocab_size(model)
     task_names = list(mixture.tasks)
@@ -103,7 +104,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     if with_reference:  # the reference's mean only, straight into the per-example sketches' space (linear)
         ref_extractor = TaskExtractor(model, names, dataclasses.replace(
             options, reduction=options.example_reduction, keep_example_sketches=False), mesh=mesh,
-            compiler_options=_xla_options(cfg.extract))
+            compiler_options=dict(s.xla_options))
         ref_chunks = ref_extractor.chunks_for(max(len(t.reference) for t in mixture.tasks.values()))
     images, first = _calibration_images(cfg, model, mixture, with_reference)
     log.info("extract: %d tasks, %d parameter tensors (%d coordinates), reduction=%s -> d=%d, θ⁰=%s",
@@ -207,13 +208,6 @@ def _calibration_images(cfg, model, mixture, with_reference: bool = False):
         first[name] = len(examples)
         examples += task.calib + (task.reference if with_reference else [])
     return make(examples).fit([[i] for i in range(len(examples))]), first
-
-
-def _xla_options(e) -> dict[str, Any]:
-    """extract.xla_options: per-jit XLA compiler options (as train.xla_options), {} by default (read here, off
-    the config section: ExtractSettings has no field for it yet)."""
-    options = e.get("xla_options", None) or {}
-    return dict(options.items()) if hasattr(options, "items") else dict(options)
 
 
 def _vocab_size(model) -> int:

@@ -18,6 +18,7 @@ from merit_jax.merging import sources
 from merit_jax.merging.ops import RELATIVE_METHODS
 from merit_jax.merging.sources import MergeInputError
 from merit_jax.merging.stream import merge_checkpoints
+from merit_jax.stages import theta0_of
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ def run(cfg, workdir: pathlib.Path) -> pathlib.Path:
     weights = sources.branch_weights(s.method, s.weights, partition, partition_file)
     base = None
     if s.method in RELATIVE_METHODS:
-        base = s.base or wd.theta0_dir(workdir, basin=config.basin_settings(cfg).enabled,
-                                       hf_path=config.model_settings(cfg).hf_path)
+        base = s.base or theta0_of(cfg, workdir)
         sources.check_base(s.method, base)
     return merge_checkpoints(
         [wd.branch_final(workdir, k) for k in range(len(groups))], out, method=s.method, weights=weights,

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from merit_jax import checkpoint as ckpt_lib
 from merit_jax import config
+from merit_jax.stages import theta0_of
 from merit_jax import workdir as wd
 from merit_jax.config import DataSettings
 from merit_jax.errors import ConfigError
@@ -44,7 +45,7 @@ def run(cfg, workdir: Path, branch: int | None = None, *, hooks: Sequence[Callab
     if data.max_len > settings.seq_len:
         raise ConfigError(f"data.max_len={data.max_len} > train.seq_len={settings.seq_len}: an example would not "
                           "fit a packed row")
-    theta0 = wd.theta0(cfg, workdir)
+    theta0 = theta0_of(cfg, workdir)
     if not (ckpt_lib.is_checkpoint(theta0) or (Path(theta0) / "config.json").is_file()):
         raise FileNotFoundError(f"θ⁰ {theta0} is neither a merit_jax checkpoint nor a Hugging Face directory "
                                 "(run the basin stage, or set model.hf_path)")
