@@ -139,7 +139,7 @@ def main(argv=None):
 
     from merit_jax import gradients as X
     from merit_jax.models import params as P
-    from merit_jax.models.io import load_model
+    from merit_jax.io.load import load_model
 
     torch.manual_seed(0)
     hf_cfg = transformers.Qwen2Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
@@ -166,7 +166,7 @@ def main(argv=None):
     # same work, same answer: the mean gradients and per-example norms agree
     r = ours(batch, task="bench")
     t_sum, t_norms = theirs(batch)
-    from merit_jax.convert.hf import hf_key
+    from merit_jax.io.hf import hf_key
     t_mean = np.concatenate([(t_sum[hf_key(k)[0]].numpy().T if hf_key(k)[1] else t_sum[hf_key(k)[0]].numpy()).ravel()
                              for k in names]) / n
     rel = np.abs(r.vector - t_mean).max() / np.abs(t_mean).max()

@@ -92,8 +92,8 @@ def build_merit_jax_inputs(data: pathlib.Path, k: int, cfg: dict) -> list[pathli
     sys.path.insert(0, str(REPO))
     from flax import nnx
 
-    from merit_jax import checkpoint
-    from merit_jax.convert.hf import model_factory
+    from merit_jax.io import checkpoint
+    from merit_jax.models.registry import model_factory
     from merit_jax.models import params as P
 
     specs = P.specs(nnx.eval_shape(model_factory(cfg, dtype="bfloat16")))
@@ -180,7 +180,7 @@ def max_relative_difference(dir_a: pathlib.Path, dir_b: pathlib.Path) -> float:
 
 def merit_jax_error(out: pathlib.Path, inputs: list[pathlib.Path], weights: list[float]) -> float:
     """max |merged − Σ w_k θ_k| / max |Σ w_k θ_k| over a few tensors (the embedding among them), in float64."""
-    from merit_jax import checkpoint
+    from merit_jax.io import checkpoint
 
     names = sorted(checkpoint.tensor_specs(out))
     sample = [n for n in names if "embed" in n] + names[1::97]

@@ -54,7 +54,7 @@ class Ours:
         from flax import nnx
 
         from merit_jax.config import TrainSettings
-        from merit_jax.convert.hf import model_factory
+        from merit_jax.models.registry import model_factory
         from merit_jax.sharding import make_mesh
         from merit_jax.training.feed import to_global
         from merit_jax.training.step import SplitModel, build_step_functions
@@ -99,7 +99,8 @@ class Torch:
         """The initial weights under merit_jax's parameter names ([in, out] kernels)."""
         from flax import nnx
 
-        from merit_jax.convert.hf import hf_key, model_factory
+        from merit_jax.io.hf import hf_key
+        from merit_jax.models.registry import model_factory
         from merit_jax.models import params as P
 
         hf_cfg = self.model.config.to_dict()

@@ -63,7 +63,7 @@ def split_measures(workdir: pathlib.Path, seed: int, extra: list[str]) -> dict:
     import jax.numpy as jnp
 
     from configs.default import get_config
-    from merit_jax import checkpoint
+    from merit_jax.io import checkpoint
     from merit_jax import sketch as sk
     from merit_jax import partition as S
 

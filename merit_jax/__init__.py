@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def load_hf(path, dtype: str = "float32", **kwargs):
     """A Flax NNX model (Qwen2 / Qwen2.5 / Qwen2.5-VL) with the weights of a local Hugging Face directory."""
-    from merit_jax.convert.hf import load_hf as _load_hf
+    from merit_jax.io.hf import load_hf as _load_hf
 
     return _load_hf(path, dtype, **kwargs)
 

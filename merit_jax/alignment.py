@@ -33,7 +33,7 @@ from flax import nnx
 
 from merit_jax import gradients as X
 from merit_jax import sketch as sk
-from merit_jax.convert.hf import to_host
+from merit_jax.io.hf import to_host
 from merit_jax.data.packing import pad_batch
 from merit_jax.hessian import hessian_top_eigs
 from merit_jax.models.inputs import batch_token_ce

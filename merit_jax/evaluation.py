@@ -13,12 +13,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from merit_jax import checkpoint, diagnostics
+from merit_jax import diagnostics
+from merit_jax.io import checkpoint
 from merit_jax.config import EvaluateSettings
 from merit_jax.lmms_eval_functions import exact_match
 from merit_jax.models import params as P
 from merit_jax.models.generate import generate, left_pad
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from merit_jax.sharding import make_mesh
 from merit_jax.training.heldout import HeldoutEval
 from merit_jax.training.step import SplitModel

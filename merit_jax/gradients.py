@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from merit_jax import sketch as sk
 from merit_jax.config import PER_EXAMPLE, ExtractOptions  # noqa: F401  (ExtractOptions: re-exported for callers)
-from merit_jax.convert.hf import to_host
+from merit_jax.io.hf import to_host
 from merit_jax.models import params as P
 from merit_jax.models.inputs import TEXT_KEYS, batch_keys, batch_token_ce, is_vl
 from merit_jax.sharding import LOGICAL_RULES

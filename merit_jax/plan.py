@@ -53,7 +53,7 @@ _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile."
 def hf_config_of(cfg) -> dict:
     """The model's HF config: model.hf_path/config.json (weights are never read), or the random tiny model."""
     if cfg.model.hf_path:
-        from merit_jax.models.io import read_config
+        from merit_jax.io.load import read_config
         return read_config(cfg.model.hf_path)
     from merit_jax.config import model_settings
     from merit_jax.data.mixture import load_tokenizer

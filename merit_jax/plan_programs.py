@@ -58,7 +58,7 @@ class _Abstract(jax.ShapeDtypeStruct):
 def abstract_model(hf_config: dict, s: TrainSettings, mesh: Mesh, source: str = "config.json") -> nnx.Module:
     """The model of a HF config (nnx.eval_shape: no weights), each parameter a ShapeDtypeStruct with its
     sharding on `mesh` (as load_model places the weights)."""
-    from merit_jax.convert.hf import model_factory
+    from merit_jax.models.registry import model_factory
 
     make = model_factory(hf_config, source, dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat,
                          attention=s.attention)

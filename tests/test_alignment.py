@@ -15,7 +15,7 @@ from merit_jax import partition as S
 from merit_jax.data.packing import pad_batch
 from merit_jax.data.tokenize import Example
 from merit_jax.models import params as P
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from tests.hf_models import tiny_qwen2
 
 FAST = {"xla_backend_optimization_level": 0}

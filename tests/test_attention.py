@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from merit_jax.models import attention as A
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from merit_jax.sharding import make_mesh
 from tests.hf_models import tiny_qwen2
 

@@ -1,4 +1,4 @@
-"""merit_jax.checkpoint: round trip, partial and sharded restore, atomicity, clear errors."""
+"""merit_jax.io.checkpoint: round trip, partial and sharded restore, atomicity, clear errors."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HF_CONFIG = {"model_type": "qwen2", "hidden_size": 8, "num_hidden_layers": 2, "tie_word_embeddings": True}
@@ -93,7 +93,7 @@ def test_sharded_save_and_load_on_four_devices(tmp_path):
         """
         import sys, numpy as np, jax, jax.numpy as jnp
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from merit_jax import checkpoint
+        from merit_jax.io import checkpoint
         assert jax.device_count() == 4, jax.devices()
         mesh = Mesh(np.array(jax.devices()), ("fsdp",))
         row = NamedSharding(mesh, P("fsdp", None))
@@ -208,7 +208,7 @@ def test_killed_save_leaves_nothing_complete(tmp_path):
     script = textwrap.dedent(
         """
         import os, signal, sys, numpy as np, orbax.checkpoint as ocp
-        from merit_jax import checkpoint
+        from merit_jax.io import checkpoint
         real_save = ocp.Checkpointer.save
         def save_then_die(self, *a, **k):
             real_save(self, *a, **k)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax.convert.__main__ import main as convert_main
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from tests.hf_models import tiny_qwen2
 
 

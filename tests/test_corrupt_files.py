@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from merit_jax.config import data_settings
-from merit_jax import checkpoint, merging
+from merit_jax import merging
+from merit_jax.io import checkpoint
 from merit_jax import workdir as wd
 from merit_jax.convert.__main__ import main as convert_main
 from merit_jax.data import records
 from merit_jax.errors import InputFileError
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from tests.hf_models import tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_damaged_safetensors_is_named_by_the_converter(broken, tmp_path, capsys,
 
 def _shard(hf_dir: Path, out: Path) -> Path:
     """The model re-saved as several safetensors shards with an index."""
-    from merit_jax.convert.hf import save_hf
+    from merit_jax.io.hf import save_hf
 
     save_hf(load_model(hf_dir), wd.read_json(hf_dir / "config.json"), out, max_shard_bytes=40_000)
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax import sketch as sk
 from merit_jax import partition as S
 

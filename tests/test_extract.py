@@ -23,7 +23,7 @@ from merit_jax import sketch as sk
 from merit_jax import partition as S
 from merit_jax.losses import mean_loss
 from merit_jax.models import params as P
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from merit_jax.sharding import make_mesh
 from merit_jax.stages import extract as extract_stage
 from tests.hf_models import tiny_qwen2

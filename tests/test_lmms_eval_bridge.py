@@ -87,7 +87,7 @@ def test_lmms_eval_answers_and_scores_the_export_like_our_evaluate_stage(bridged
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.vision import row_images_for
     from merit_jax.evaluation import Evaluator, load_flat
-    from merit_jax.models.io import load_model
+    from merit_jax.io.load import load_model
 
     workdir, cfg, results, samples = bridged
     # the evaluate stage's Evaluator, as the stage builds it, on the merged model

@@ -17,7 +17,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from merit_jax import checkpoint, merge, merging
+from merit_jax import merge, merging
+from merit_jax.io import checkpoint
 from merit_jax.merging import stream
 from merit_jax.stages import merge as merge_stage
 

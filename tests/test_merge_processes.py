@@ -20,7 +20,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from merit_jax import checkpoint, merging
+from merit_jax import merging
+from merit_jax.io import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 K = 3

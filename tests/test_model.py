@@ -185,7 +185,7 @@ def test_no_weights_is_named(tmp_path):
 
 
 def test_export_loads_in_transformers_and_decodes_the_same(tmp_path):
-    from merit_jax.convert.hf import save_hf
+    from merit_jax.io.hf import save_hf
 
     ref = tiny_qwen2(tmp_path / "src", std=0.3, tie_word_embeddings=True, num_hidden_layers=12)
     ours = merit_jax.load_hf(tmp_path / "src")

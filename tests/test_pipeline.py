@@ -74,7 +74,7 @@ def test_export_answers_a_heldout_prompt_with_the_chat_template(default_run):
     import transformers
 
     from merit_jax.models.generate import generate
-    from merit_jax.models.io import load_model
+    from merit_jax.io.load import load_model
 
     hf = default_run / "hf"
     tok = transformers.AutoTokenizer.from_pretrained(hf)
@@ -102,7 +102,7 @@ def test_rerun_skips_finished_stages(default_run):
 
 
 def test_killed_training_resumes_to_the_same_merged_parameters(default_run, tmp_path):
-    from merit_jax import checkpoint
+    from merit_jax.io import checkpoint
 
     w = tmp_path / "wd"
     w.mkdir()
@@ -145,7 +145,7 @@ def test_lm_evaluation_harness_scores_the_export_like_we_do(default_run):
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.lm_eval_task import TASK_NAME, write_task
     from merit_jax.models.generate import generate, left_pad
-    from merit_jax.models.io import load_model
+    from merit_jax.io.load import load_model
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs" / "default.py")

@@ -117,7 +117,7 @@ def test_a_config_too_large_for_its_chips_is_refused_by_name(tmp_path):
 def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
     from merit_jax import gradients as extract
     from merit_jax.training.tiny import tiny_config
-    from merit_jax.convert.hf import model_factory
+    from merit_jax.models.registry import model_factory
     from merit_jax.data.mixture import load_tokenizer
 
     cfg = make_config(**{**TINY12, "model.tiny.num_hidden_layers": 2, "train.xla_options": {}})
@@ -162,7 +162,7 @@ ARCH = {"Qwen2.5-0.5B-Instruct": 0.494, "Qwen2.5-1.5B-Instruct": 1.544, "Qwen2.5
 def test_shipped_architectures_are_the_public_models(name):
     import transformers
 
-    from merit_jax.convert.hf import model_factory
+    from merit_jax.models.registry import model_factory
     from merit_jax.models import params as P
 
     path = REPO / "configs" / "arch" / name

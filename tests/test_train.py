@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from merit_jax import checkpoint, config
+from merit_jax import config
+from merit_jax.io import checkpoint
 from merit_jax.config import data_settings
 from merit_jax.stages import theta0_of
 from merit_jax import workdir as wd
@@ -24,8 +25,8 @@ from merit_jax.stages import basin, train
 from merit_jax.training.feed import to_global
 from merit_jax.training.optim import decay_mask, make_optimizer, make_schedule
 from merit_jax.training.step import SplitModel, build_step_functions
-from merit_jax.convert.hf import model_factory
-from merit_jax.models.io import read_config
+from merit_jax.models.registry import model_factory
+from merit_jax.io.load import read_config
 from merit_jax.sharding import make_mesh
 from tests.test_train_utils import (BRANCH_TASKS, FAST_COMPILE, OTHER_TASKS, final_params, make_config,
                                     random_params, tiny_hf_config, write_partition)

@@ -77,7 +77,7 @@ def random_params(hf_config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """Random parameters for `hf_config` from numpy (no XLA compile): N(0, 0.05), norm scales around 1."""
     from flax import nnx
 
-    from merit_jax.convert.hf import model_factory
+    from merit_jax.models.registry import model_factory
     from merit_jax.models import params as P
 
     rng = np.random.default_rng(seed)
@@ -90,7 +90,7 @@ def random_params(hf_config: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 def write_theta0(workdir: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """A random tiny θ⁰ at WORKDIR/basin (what the basin stage would leave there)."""
-    from merit_jax import checkpoint
+    from merit_jax.io import checkpoint
 
     hf = tiny_hf_config()
     return checkpoint.save(pathlib.Path(workdir) / "basin", random_params(hf, seed), hf, tokenizer_dir=tokenizer_dir())
@@ -169,6 +169,6 @@ def free_port() -> int:
 
 
 def final_params(final_dir) -> dict[str, np.ndarray]:
-    from merit_jax import checkpoint
+    from merit_jax.io import checkpoint
 
     return checkpoint.load(final_dir)

@@ -12,10 +12,10 @@ from safetensors.numpy import load_file, save_file
 
 import merit_jax
 from merit_jax.convert.__main__ import main as convert_main
-from merit_jax.convert.hf import save_hf
+from merit_jax.io.hf import save_hf
 from merit_jax.models import params as P
 from merit_jax.models.generate import left_pad
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from merit_jax.models.mrope import mrope_positions
 from merit_jax.models.qwen2_5_vl import (Qwen2_5_VLForConditionalGeneration, generate_vl,
                                         language_model_filter, num_params, vision_layout)
@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
 def test_load_hf_returns_the_vl_model_with_hf_names(tiny):
     path, ref, ours = tiny
     assert isinstance(ours, Qwen2_5_VLForConditionalGeneration)
-    from merit_jax.convert.hf import hf_key
+    from merit_jax.io.hf import hf_key
 
     stored = set(load_file(path / "model.safetensors"))
     flat = P.flatten(ours)

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from merit_jax.config import data_settings
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax.data import packing
 from merit_jax.data import vision as V
 from merit_jax.data.mixture import load_mixture, load_tokenizer
@@ -30,7 +30,7 @@ from merit_jax.gradients import per_example_grads
 from merit_jax.losses import per_example_losses
 from merit_jax.models import params as P
 from merit_jax.models.inputs import batch_logits
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from merit_jax.models.qwen2_5_vl import generate_vl
 from merit_jax.training.optim import frozen_names
 from tests.vl_fixtures import RELEASE_TASKS, write_vision_flan_release

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from merit_jax.convert import hf
+from merit_jax.io import hf
 from merit_jax.io.safetensors import MAX_SHARD_BYTES
 
 

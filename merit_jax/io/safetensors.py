@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax.errors import InputFileError, describe
 from merit_jax.workdir import read_json
 

@@ -1,7 +1,7 @@
 """The merge's inputs: open a checkpoint of either kind, check that the inputs belong together, and the stage's
 inputs (branch weights from split/partition.json, θ⁰).
 
-An input is a merit_jax checkpoint (merit_jax/checkpoint.py, read through Orbax) or a Hugging Face directory
+An input is a merit_jax checkpoint (merit_jax/io/checkpoint.py, read through Orbax) or a Hugging Face directory
 (config.json + *.safetensors, read through merit_jax/io/safetensors.py). `open_source` gives either as a
 "source": `.kind` ('merit_jax' | 'hf'), `.path`, `.hf_config`, `.specs` {name: (shape, dtype)} and
 `.read(pieces)`, where a piece is (tensor name, first row, end row) along axis 0.
@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax.errors import InputFileError
 from merit_jax.io import safetensors as st
 from merit_jax.merging.ops import RELATIVE_METHODS

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax.io.safetensors import MAX_SHARD_BYTES, SafetensorsWriter, nbytes
 from merit_jax.merging.ops import (LINEAR_METHODS, RELATIVE_METHODS, axpy_into, linear_coefficients, merge_tensors,
                                    resolve_weights)

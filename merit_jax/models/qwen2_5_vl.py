@@ -8,7 +8,7 @@
 t*h*w/4 `<|image_pad|>` tokens in `input_ids`; their embeddings are replaced by the vision tower's output.
 
 Parts, named as the Hugging Face checkpoint names its tensors (`visual.*`, `model.*`, `lm_head.*`), so that
-`merit_jax.convert.hf.hf_key` maps every flat parameter name to its HF tensor:
+`merit_jax.io.hf.hf_key` maps every flat parameter name to its HF tensor:
   visual   the vision tower: 3-D patch embedding (a Conv3d with stride = kernel, i.e. a matmul on flattened
            patches), `depth` blocks of RMSNorm + attention with 2-D rotary embeddings + RMSNorm + SwiGLU,
            window attention except in `fullatt_block_indexes`, and the 2x2 patch merger;

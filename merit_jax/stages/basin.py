@@ -15,7 +15,7 @@ import functools
 import logging
 import pathlib
 
-from merit_jax import checkpoint as ckpt_lib
+from merit_jax.io import checkpoint as ckpt_lib
 from merit_jax import config
 from merit_jax import workdir as wd
 from merit_jax.config import BasinSettings, ModelSettings
@@ -65,7 +65,7 @@ def run(cfg, workdir) -> Path | None:
                            "tasks": mixture.names, "seed": seed}}
     if steps <= 0:  # θ⁰ is the start itself, re-saved so that it carries its config and tokenizer
         from merit_jax.models import params as P
-        from merit_jax.models.io import load_model, read_config
+        from merit_jax.io.load import load_model, read_config
 
         module = init if hf_config is not None else load_model(init, mesh=mesh, dtype=settings.param_dtype)
         ckpt_lib.save(out, P.flatten(module), hf_config or read_config(init), tokenizer_dir=tok_dir,

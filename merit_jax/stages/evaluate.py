@@ -22,13 +22,14 @@ import time
 
 import numpy as np
 
-from merit_jax import checkpoint, config
+from merit_jax import config
+from merit_jax.io import checkpoint
 from merit_jax import workdir as wd
 from merit_jax.data.mixture import load_mixture, load_tokenizer
 from merit_jax.data.vision import is_vl_run, row_images_for
 from merit_jax.evaluation import Evaluator, evaluate_models
 from merit_jax.merging import MERGE_INFO_FILE, merge_checkpoints
-from merit_jax.models.io import load_model
+from merit_jax.io.load import load_model
 from merit_jax.stages import theta0_of
 
 log = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax import config
 from merit_jax import workdir as wd
-from merit_jax.convert.hf import orbax_to_hf
+from merit_jax.io.hf import orbax_to_hf
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
 
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.packing import pad_batch
-    from merit_jax.models.io import load_model
+    from merit_jax.io.load import load_model
     from merit_jax.workdir import extract_dir, write_json
 
     workdir = pathlib.Path(workdir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import pathlib
 
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax import config
 from merit_jax import workdir as wd
 from merit_jax.merging import sources

@@ -15,7 +15,7 @@ import logging
 import pathlib
 from typing import Callable, Sequence
 
-from merit_jax import checkpoint as ckpt_lib
+from merit_jax.io import checkpoint as ckpt_lib
 from merit_jax import config
 from merit_jax.stages import theta0_of
 from merit_jax import workdir as wd

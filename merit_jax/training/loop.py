@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from merit_jax import checkpoint as ckpt_lib
+from merit_jax.io import checkpoint as ckpt_lib
 from merit_jax.config import TrainSettings
 from merit_jax.errors import ConfigError, reading
 from merit_jax.training.feed import process_batches, seek, to_global
@@ -48,8 +48,8 @@ class TrainResult:
 
 def _model_for(init, s: TrainSettings, mesh: Mesh, need_weights: bool):
     """(Model, params or None, hf_config, directory with tokenizer files or None) for a path or a module."""
-    from merit_jax.convert.hf import model_factory
-    from merit_jax.models.io import load_model, read_config
+    from merit_jax.models.registry import model_factory
+    from merit_jax.io.load import load_model, read_config
 
     if isinstance(init, nnx.Module):
         model = SplitModel(init)

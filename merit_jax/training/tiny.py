@@ -36,7 +36,7 @@ def tiny_config(model: ModelSettings, tokenizer) -> dict:
 
 def random_model(hf_config: dict, s: TrainSettings, mesh: Mesh, seed: int) -> nnx.Module:
     """The random tiny model in the run's dtypes, each parameter created directly in its shards on `mesh`."""
-    from merit_jax.convert.hf import model_factory
+    from merit_jax.models.registry import model_factory
 
     make = model_factory(hf_config, "basin tiny model (model.tiny)", dtype=s.param_dtype,
                          compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention, seed=seed)

@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from merit_jax import checkpoint
+from merit_jax.io import checkpoint
 from merit_jax import workdir as wd
 from merit_jax.io.safetensors import MAX_SHARD_BYTES, SafetensorsDir, SafetensorsWriter
 from merit_jax.models import params as P
-from merit_jax.models.config import ModelConfig
+from merit_jax.models.registry import model_factory
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not (Path(path) / "config.json").is_file():
@@ -78,30 +78,11 @@ def load_hf_params_fetch(tensors: SafetensorsDir):
     return fetch
 
 
-def build_model(model_type: str, hf_cfg: dict, *, rngs, source="config.json", **policy) -> nnx.Module:
-    if model_type == "qwen2_5_vl":
-        from merit_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-        return Qwen2_5_VLForConditionalGeneration.from_hf_config(hf_cfg, rngs=rngs, **policy)
-    from merit_jax.models.qwen2 import Qwen2ForCausalLM
-    return Qwen2ForCausalLM(ModelConfig.from_hf(hf_cfg, source), rngs=rngs, **policy)
-
-
-def model_factory(hf_cfg: dict, source: str = "config.json", *, dtype="float32", compute_dtype=None,
-                  remat="none", attention="xla", seed: int = 0):
-    """A zero-argument constructor (for `nnx.eval_shape` / sharded creation) of the model a config describes."""
-    model_type = hf_cfg.get("model_type")
-    if model_type != "qwen2_5_vl":
-        ModelConfig.from_hf(hf_cfg, source)  # validate eagerly: a clear error before any tracing
-    policy = dict(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(compute_dtype or dtype), remat=remat,
-                  attention=attention)
-    return lambda: build_model(model_type, hf_cfg, rngs=nnx.Rngs(seed), source=source, **policy)
-
-
 def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, compute_dtype=None, remat="none",
             attention="xla") -> nnx.Module:
     """A Flax NNX model with the weights of a local HF directory (each device gets only its shards)."""
-    hf_cfg = read_hf_config(path)
-    make = model_factory(hf_cfg, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
+    hf_config = read_hf_config(path)
+    make = model_factory(hf_config, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
                          attention=attention)
     tensors = SafetensorsDir(path)
     try:
@@ -136,7 +117,7 @@ def hf_tensors(flat: dict[str, Any], dtype) -> Iterator[tuple[str, np.ndarray]]:
         yield key, np.ascontiguousarray((x.T if transpose else x).astype(dtype))
 
 
-def write_hf_dir(out: str | os.PathLike, specs: dict, tensors: Iterator[tuple[str, np.ndarray]], hf_cfg: dict,
+def write_hf_dir(out: str | os.PathLike, specs: dict, tensors: Iterator[tuple[str, np.ndarray]], hf_config: dict,
                  tokenizer_dir: str | os.PathLike | None = None, dtype_name: str = "float32",
                  max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """Writes a HF directory atomically: safetensors shards (+ index) streamed tensor by tensor in `specs`
@@ -153,7 +134,7 @@ def write_hf_dir(out: str | os.PathLike, specs: dict, tensors: Iterator[tuple[st
         writer.close()
         if tokenizer_dir:
             checkpoint.copy_tokenizer_files(tokenizer_dir, tmp)
-        config = dict(hf_cfg, dtype=dtype_name)
+        config = dict(hf_config, dtype=dtype_name)
         config.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if not (tmp / "generation_config.json").exists():
@@ -167,7 +148,7 @@ def write_hf_dir(out: str | os.PathLike, specs: dict, tensors: Iterator[tuple[st
     return out
 
 
-def save_hf(model_or_flat, hf_cfg: dict, out: str | os.PathLike, *, dtype: str = "float32",
+def save_hf(model_or_flat, hf_config: dict, out: str | os.PathLike, *, dtype: str = "float32",
             tokenizer_dir=None, max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """Exports parameters (a module or a flat dict) as a HF checkpoint that transformers loads."""
     flat = model_or_flat if isinstance(model_or_flat, dict) else P.flatten(model_or_flat)
@@ -176,7 +157,7 @@ def save_hf(model_or_flat, hf_cfg: dict, out: str | os.PathLike, *, dtype: str =
         for _ in hf_tensors(flat, np_dtype):
             pass
         return Path(out)
-    return write_hf_dir(out, hf_specs(flat, np_dtype), hf_tensors(flat, np_dtype), hf_cfg, tokenizer_dir, dtype,
+    return write_hf_dir(out, hf_specs(flat, np_dtype), hf_tensors(flat, np_dtype), hf_config, tokenizer_dir, dtype,
                         max_shard_bytes, overwrite)
 
 

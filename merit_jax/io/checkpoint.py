@@ -248,7 +248,7 @@ def _start_temp_dir(path: pathlib.Path) -> pathlib.Path:
         # A leftover temp dir is the remains of a killed save: never complete, safe to discard.
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _sync(f"merit_jax.checkpoint.save.mkdir:{path}")
+    _sync(f"merit_jax.io.checkpoint.save.mkdir:{path}")
     return tmp
 
 
@@ -263,10 +263,10 @@ def _finish(tmp: pathlib.Path, path: pathlib.Path, hf_config, tokenizer_dir, ext
         # The marker goes last: its presence is what makes a directory a checkpoint.
         write_json_atomic(tmp / MARKER_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION})
         fsync_dir(tmp)
-    _sync(f"merit_jax.checkpoint.save.written:{path}")
+    _sync(f"merit_jax.io.checkpoint.save.written:{path}")
     if _is_primary():
         replace_dir(tmp, path)
-    _sync(f"merit_jax.checkpoint.save.renamed:{path}")
+    _sync(f"merit_jax.io.checkpoint.save.renamed:{path}")
 
 
 def save(

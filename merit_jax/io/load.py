@@ -9,9 +9,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from merit_jax import checkpoint
-from merit_jax.convert import hf
+from merit_jax.io import checkpoint
+from merit_jax.io import hf
 from merit_jax.models import params as P
+from merit_jax.models.registry import model_factory
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -25,8 +26,8 @@ def load_model(path: str | os.PathLike, *, mesh=None, dtype: str = "float32", co
     path = Path(path)
     if not checkpoint.is_checkpoint(path):
         return hf.load_hf(path, dtype, mesh=mesh, compute_dtype=compute_dtype, remat=remat, attention=attention)
-    hf_cfg = checkpoint.read_hf_config(path)
-    make = hf.model_factory(hf_cfg, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
+    hf_config = checkpoint.read_hf_config(path)
+    make = model_factory(hf_config, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
                             attention=attention)
     abstract = nnx.eval_shape(make)
     graphdef, abs_state = nnx.split(abstract)
