@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from merit_jax import config as config_lib
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.stages import basin, evaluate, export, extract, merge, report, split, train
 
 # The pipeline, in order: each stage reads what the earlier ones wrote into the work directory.
@@ -55,7 +55,7 @@ def run_baselines(cfg, workdir: pathlib.Path) -> None:
         if name == "uniform":
             evaluate.merge_uniform(workdir)
             continue
-        sub_cfg, sub_dir = evaluate.baseline_config(cfg, workdir, name), evaluate.baseline_dir(workdir, name)
+        sub_cfg, sub_dir = evaluate.baseline_config(cfg, workdir, name), wd.baseline_dir(workdir, name)
         for stage in BASELINE_STAGES:
             STAGES[stage](sub_cfg, sub_dir)
 
@@ -78,7 +78,7 @@ def run_stage(name: str, cfg, workdir: pathlib.Path, branch: int | None = None) 
     log.info("stage %s: done in %.1fs", name, time.time() - start)
     if jax.process_index() == 0:  # one file per branch job: parallel branch jobs never race on one file
         key = name if branch is None else f"{name}-{branch}"
-        wd.write_json(workdir / "timings" / f"{key}.json", {"stage": key, "seconds": round(time.time() - start, 2)})
+        wd.write_json(wd.timings_file(workdir, key), {"stage": key, "seconds": round(time.time() - start, 2)})
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -93,7 +93,7 @@ def save_resolved(cfg, workdir: pathlib.Path) -> None:
     (finished stages are skipped, so their outputs would not follow the change)."""
     if jax.process_index() != 0:
         return
-    path = pathlib.Path(workdir) / "config.json"
+    path = wd.config_file(workdir)
     new = json.loads(cfg.to_json_best_effort())
     if path.is_file():
         old = _flat(json.loads(path.read_text()))

@@ -177,7 +177,7 @@ def _data_at_hand(cfg) -> bool:
 
 
 def _size_from_data(cfg, s, k: int, workdir) -> dict:
-    from merit_jax import workdir as wd
+    from merit_jax import artifacts as wd
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.pipeline import num_train_steps
 

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 
 from merit_jax import plots
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ def write_report(workdir: pathlib.Path, settings: dict, merge_method: str) -> pa
     workdir = pathlib.Path(workdir)
     out = wd.report_dir(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    results = wd.read_json(workdir / "evaluate" / "results.json", "evaluate")
+    results = wd.read_json(wd.results_file(workdir), "evaluate")
     partition = wd.read_partition(workdir)
-    tasks = wd.read_tasks(wd.extract_dir(workdir) / "tasks.json")
+    tasks = wd.read_tasks(wd.tasks_file(workdir))
     timings = wd.stage_timings(workdir)
     metrics = {"config": settings,
                "partition": partition, "results": results, "timings_s": timings}
@@ -77,7 +77,7 @@ def write_report(workdir: pathlib.Path, settings: dict, merge_method: str) -> pa
             shutil.copy2(wd.split_dir(workdir) / png, out / png)
             md += ["", f"![{png}]({png})"]
 
-    md += stability_section(wd.extract_dir(workdir) / "stability.json", out)
+    md += stability_section(wd.stability_file(workdir), out)
     md += data_section(results.get("data"))
     md += ["", "## Results (exact match / held-out loss per task)", ""] + results_table(results)
     means = {m: r["mean_accuracy"] for m, r in results["models"].items()}
@@ -90,7 +90,7 @@ def write_report(workdir: pathlib.Path, settings: dict, merge_method: str) -> pa
         if steps:
             curves[f"branch {k}"] = (steps, loss)
     for name in ("joint", "joint2"):
-        steps, loss = _loss_curve(workdir / "baselines" / name / "branches" / "0" / "metrics.jsonl")
+        steps, loss = _loss_curve(wd.branch_dir(wd.baseline_dir(workdir, name), 0) / "metrics.jsonl")
         if steps:
             curves[name] = (steps, loss)
     if curves:
@@ -98,7 +98,7 @@ def write_report(workdir: pathlib.Path, settings: dict, merge_method: str) -> pa
         md += ["", "## Training", "", "![loss curves](loss_curves.png)"]
 
     md += diagnostics_section(results.get("diagnostics", {}), out)
-    alignment_file = workdir / "evaluate" / "hessian_alignment.json"
+    alignment_file = wd.alignment_file(workdir)
     if alignment_file.is_file():
         md += alignment_section(wd.read_json(alignment_file), out)
     if timings:

@@ -16,7 +16,7 @@ import pytest
 from merit_jax.config import data_settings
 from merit_jax import merging
 from merit_jax.io import checkpoint
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.convert.__main__ import main as convert_main
 from merit_jax.data import records
 from merit_jax.errors import InputFileError

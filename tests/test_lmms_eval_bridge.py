@@ -83,7 +83,7 @@ def bridged(tmp_path_factory):
 
 
 def test_lmms_eval_answers_and_scores_the_export_like_our_evaluate_stage(bridged):
-    from merit_jax import workdir as wd
+    from merit_jax import artifacts as wd
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.vision import row_images_for
     from merit_jax.evaluation import Evaluator, load_flat

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from merit_jax import partition as S
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.stages import split as split_stage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -450,7 +450,7 @@ def test_stage_rejects_inconsistent_extract_outputs(tmp_path):
 
 
 def test_one_reader_validates_tasks_and_partition_json(tmp_path):
-    """extract/tasks.json and split/partition.json have one reader each (workdir.py), which names the file and
+    """extract/tasks.json and split/partition.json have one reader each (artifacts.py), which names the file and
     the entry; DESIGN.md's `merit_jax.split.conflict_split` is the partition module's."""
     import merit_jax
     assert merit_jax.split.conflict_split is S.conflict_split

@@ -18,7 +18,7 @@ from merit_jax import config
 from merit_jax.io import checkpoint
 from merit_jax.config import data_settings
 from merit_jax.stages import theta0_of
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.config import DEFAULT_NO_DECAY, TrainSettings
 from merit_jax.errors import ConfigError
 from merit_jax.stages import basin, train

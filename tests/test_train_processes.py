@@ -16,7 +16,7 @@ import pytest
 
 from merit_jax.stages import train
 from merit_jax.training.runlog import PREEMPTED_EXIT_CODE
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from tests.test_train_utils import (BRANCH_TASKS, child_env, final_params, finish, free_port, start_child,
                                     write_partition, write_theta0)
 

@@ -97,7 +97,7 @@ def write_theta0(workdir: pathlib.Path, seed: int = 0) -> pathlib.Path:
 
 
 def write_partition(workdir: pathlib.Path, groups: list[list[str]]) -> None:
-    from merit_jax import workdir as wd
+    from merit_jax import artifacts as wd
 
     wd.write_json(wd.partition_file(workdir), {"method": "merit", "depth": 1, "groups": groups,
                                                "tokens": [1] * len(groups), "weights": [1 / len(groups)] * len(groups)})

@@ -21,6 +21,7 @@ import merit_jax.data.sources as src
 from merit_jax.config import DataSettings
 from merit_jax.data.records import DataError
 from merit_jax.errors import reading
+from merit_jax.artifacts import data_dir
 from merit_jax.data.tokenize import ChatEncoder, Example, truncate
 from merit_jax.data.vision import ImageEncoding, is_vl_run
 
@@ -169,7 +170,7 @@ def fingerprint(data: DataSettings, tokenizer, sources) -> str:
 
 
 def _counts_path(workdir, fp):
-    return pathlib.Path(workdir) / "data" / f"train_tokens-{fp[:16]}.json"
+    return data_dir(workdir) / f"train_tokens-{fp[:16]}.json"
 
 
 def _write_counts(workdir, mixture):

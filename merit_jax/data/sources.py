@@ -17,7 +17,7 @@ import merit_jax.data.records as rec
 from merit_jax.config import DataSettings
 import merit_jax.data.synthetic as synthetic
 import merit_jax.data.synthetic_vl as synthetic_vl
-from merit_jax.workdir import read_json
+from merit_jax.artifacts import data_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,14 @@ def synthetic_dir(data: DataSettings, workdir=None) -> pathlib.Path:
     syn = data.synthetic
     seed, n = syn.get("seed", 0), syn.get("examples_per_task", 240)
     if syn.get("kind", "text") == "vl":  # the image-task mixture of configs/tiny_vl.py
-        base = pathlib.Path(workdir) / "data" if workdir is not None else pathlib.Path(tempfile.mkdtemp())
+        base = data_dir(workdir) if workdir is not None else pathlib.Path(tempfile.mkdtemp())
         out = base / f"synthetic-vl-v{synthetic_vl.SYNTHETIC_VL_VERSION}-s{seed}-n{n}"
         if not (out / "families.json").exists():  # written last
             synthetic_vl.write_synthetic_vl_mixture(out, seed=seed, examples_per_task=n)
         return out
     if workdir is None:
         return synthetic.write_mixture(tempfile.mkdtemp(prefix="merit_synthetic_"), seed, n)
-    out = pathlib.Path(workdir) / "data" / f"synthetic-v{synthetic.VERSION}-s{seed}-n{n}"
+    out = data_dir(workdir) / f"synthetic-v{synthetic.VERSION}-s{seed}-n{n}"
     if not (out / "families.json").exists():  # families.json is written last: its presence means complete
         synthetic.write_mixture(out, seed, n)
     return out

@@ -33,7 +33,7 @@ import numpy as np
 from merit_jax.config import DataSettings
 from merit_jax.data.records import DataError, Record
 from merit_jax.errors import reading
-from merit_jax.workdir import read_json
+from merit_jax.artifacts import read_json
 from merit_jax.data.synthetic_vl import (SYNTHETIC_VL_TASKS, SYNTHETIC_VL_VERSION,  # noqa: F401
                                         VL_CHAT_TEMPLATE, VL_TOKENIZER_DIR, write_synthetic_vl_mixture)
 from merit_jax.data.tokenize import Example, truncate

@@ -106,7 +106,7 @@ def fsync_dir(path: pathlib.Path) -> None:
 
 def write_json_atomic(path: PathLike, obj: Any) -> None:
     """Writes json to `path` via a temporary file and rename (a reader never sees half a file)."""
-    from merit_jax.workdir import write_json
+    from merit_jax.artifacts import write_json
 
     write_json(path, obj, sort_keys=True)
 
@@ -186,7 +186,7 @@ def check_checkpoint(path: PathLike) -> pathlib.Path:
 
 def read_hf_config(path: PathLike) -> dict:
     """The model's Hugging Face config stored with the checkpoint."""
-    from merit_jax.workdir import read_json
+    from merit_jax.artifacts import read_json
 
     return read_json(check_checkpoint(path) / CONFIG_FILE)
 

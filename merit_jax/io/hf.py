@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from merit_jax.io import checkpoint
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.io.safetensors import MAX_SHARD_BYTES, SafetensorsDir, SafetensorsWriter
 from merit_jax.models import params as P
 from merit_jax.models.registry import model_factory

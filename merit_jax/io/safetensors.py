@@ -31,7 +31,7 @@ import numpy as np
 
 from merit_jax.io import checkpoint
 from merit_jax.errors import InputFileError, describe
-from merit_jax.workdir import read_json
+from merit_jax.artifacts import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB" (see the module docstring)

@@ -3,7 +3,7 @@
 import pathlib
 
 from merit_jax import config
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 
 
 def theta0_of(cfg, workdir: pathlib.Path) -> pathlib.Path:

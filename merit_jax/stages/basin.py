@@ -17,7 +17,7 @@ import pathlib
 
 from merit_jax.io import checkpoint as ckpt_lib
 from merit_jax import config
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.config import BasinSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ Path = pathlib.Path
 
 def run_dir(workdir) -> Path:
     """Resumable state of the basin run (Orbax checkpoints, metrics); θ⁰ itself goes to WORKDIR/basin."""
-    return Path(workdir) / "basin_run"
+    return wd.basin_run_dir(workdir)
 
 
 def run(cfg, workdir) -> Path | None:

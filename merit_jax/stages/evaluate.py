@@ -24,7 +24,7 @@ import numpy as np
 
 from merit_jax import config
 from merit_jax.io import checkpoint
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.data.mixture import load_mixture, load_tokenizer
 from merit_jax.data.vision import is_vl_run, row_images_for
 from merit_jax.evaluation import Evaluator, evaluate_models
@@ -33,15 +33,9 @@ from merit_jax.io.load import load_model
 from merit_jax.stages import theta0_of
 
 log = logging.getLogger(__name__)
-RESULTS = "evaluate/results.json"
-ALIGNMENT = "evaluate/hessian_alignment.json"
 
 
 # ------------------------------------------------------------------------------------------- baselines
-
-
-def baseline_dir(workdir: pathlib.Path, name: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / "baselines" / name
 
 
 def baseline_config(cfg, workdir: pathlib.Path, name: str):
@@ -59,7 +53,7 @@ def baseline_config(cfg, workdir: pathlib.Path, name: str):
         if name == "joint2":
             sub.train.epochs = 2 * cfg.train.epochs
         sub.evaluate.baselines = []
-    sub_dir = baseline_dir(workdir, name)
+    sub_dir = wd.baseline_dir(workdir, name)
     if name != "uniform" and not wd.tasks_file(sub_dir).exists():
         shutil.copytree(wd.extract_dir(workdir), wd.extract_dir(sub_dir), dirs_exist_ok=True)
     log.info("baseline %s: split=%s epochs=%s in %s", name, sub.split.method, sub.train.epochs, sub_dir)
@@ -68,7 +62,7 @@ def baseline_config(cfg, workdir: pathlib.Path, name: str):
 
 def merge_uniform(workdir: pathlib.Path) -> pathlib.Path:
     """The `uniform` baseline: the main run's branches merged with equal weights (no training)."""
-    out = wd.merged_dir(baseline_dir(workdir, "uniform"))
+    out = wd.merged_dir(wd.baseline_dir(workdir, "uniform"))
     if checkpoint.is_checkpoint(out):
         return out
     branches = [wd.branch_final(workdir, k) for k in range(len(wd.read_partition(workdir)["groups"]))]
@@ -85,7 +79,7 @@ def models_to_evaluate(cfg, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
         models.update({f"branch{i}": wd.branch_final(workdir, i) for i in range(k)})
     models["merit"] = wd.merged_dir(workdir)
     for name in config.evaluate_settings(cfg).baselines:
-        models[name] = wd.merged_dir(baseline_dir(workdir, name))
+        models[name] = wd.merged_dir(wd.baseline_dir(workdir, name))
         if not checkpoint.is_checkpoint(models[name]):
             raise FileNotFoundError(f"baseline {name}: no merged model at {models[name]} (run the evaluate stage "
                                     "through merit_jax.main, which runs the baselines first)")
@@ -94,7 +88,7 @@ def models_to_evaluate(cfg, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def run(cfg, workdir: pathlib.Path) -> dict:
     workdir = pathlib.Path(workdir)
-    out_file = workdir / RESULTS
+    out_file = wd.results_file(workdir)
     if out_file.is_file():
         log.info("evaluate: %s exists, skipping", out_file)
         alignment_diagnostic(cfg, workdir)
@@ -128,7 +122,7 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     from merit_jax.partition import pca_scores
 
     e, data, model_s = config.evaluate_settings(cfg), config.data_settings(cfg), config.model_settings(cfg)
-    out_file = workdir / ALIGNMENT
+    out_file = wd.alignment_file(workdir)
     if not e.hessian_alignment:
         return None
     if out_file.is_file():
@@ -150,12 +144,12 @@ def alignment_diagnostic(cfg, workdir: pathlib.Path, mixture=None) -> dict | Non
     if mixture is None:
         mixture = load_mixture(data, load_tokenizer(data), workdir)
     tasks = [mixture.tasks[t["name"]].calib for t in record["tasks"]]
-    cos = np.load(wd.split_dir(workdir) / "cosine.npy")
+    cos = np.load(wd.cosine_file(workdir))
     # global axes: level l cut along axis l; local axes: only the first cut is along a global one
     axes = int(partition["depth"]) if partition.get("axes", "global") == "global" else 1
     pca = pca_scores(cos, axes, center=bool(partition.get("center", True)))
-    row_norms = np.sqrt(np.diag(np.load(wd.extract_dir(workdir) / "gram.npy")))
-    full = np.load(wd.extract_dir(workdir) / "task_grads.npy", mmap_mode="r") if record["reduction"] == "full" else None
+    row_norms = np.sqrt(np.diag(np.load(wd.gram_file(workdir))))
+    full = np.load(wd.task_grads_file(workdir), mmap_mode="r") if record["reduction"] == "full" else None
     mesh = config.mesh_for(cfg)
     model = load_model(theta0_of(cfg, workdir), mesh=mesh, compute_dtype=model_s.compute_dtype)
     out = alignment.hessian_alignment(model, record["params"]["names"], tasks, record["per_example"], pca.axes_tr,

@@ -7,7 +7,7 @@ import logging
 
 from merit_jax.io import checkpoint
 from merit_jax import config
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.io.hf import orbax_to_hf
 
 log = logging.getLogger(__name__)

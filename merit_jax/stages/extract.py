@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from merit_jax import sketch as sk
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.stages import theta0_of
 from merit_jax.config import ExtractSettings, data_settings, extract_settings, mesh_for
 from merit_jax.gradients import (TaskExtractor, check_calibration, select_params, seq_bucket,
@@ -38,7 +38,7 @@ def _fingerprint(s: ExtractSettings, theta0: pathlib.Path, mixture_fp: str, name
 
 
 def is_complete(workdir: pathlib.Path) -> bool:
-    from merit_jax.workdir import extract_dir
+    from merit_jax.artifacts import extract_dir
     out = extract_dir(workdir)
     return (out / "tasks.json").is_file() and (out / "task_grads.npy").is_file()
 
@@ -65,7 +65,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.packing import pad_batch
     from merit_jax.io.load import load_model
-    from merit_jax.workdir import extract_dir, write_json
+    from merit_jax.artifacts import extract_dir, write_json
 
     workdir = pathlib.Path(workdir)
     out = extract_dir(workdir)

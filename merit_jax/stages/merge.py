@@ -13,7 +13,7 @@ import pathlib
 
 from merit_jax.io import checkpoint
 from merit_jax import config
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.merging import sources
 from merit_jax.merging.ops import RELATIVE_METHODS
 from merit_jax.merging.sources import MergeInputError

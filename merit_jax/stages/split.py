@@ -9,7 +9,7 @@ import pathlib
 from typing import Any
 
 from merit_jax import config
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.partition import (_check_depth, _check_names, _check_tokens, cosine_matrix, cosine_summary,
                                  family_separation, labels_from_groups, literal_agreement, partition, pca_scores,
                                  top_level)

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from merit_jax.io import checkpoint as ckpt_lib
 from merit_jax import config
 from merit_jax.stages import theta0_of
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 from merit_jax.config import DataSettings
 from merit_jax.errors import ConfigError
 
@@ -77,7 +77,7 @@ def branch_groups(workdir: Path, split_method: str) -> list[list[str]]:
         groups = [list(g) for g in wd.read_partition(workdir)["groups"]]
     else:
         groups = [[]]  # all tasks of the mixture: resolved when the data is read
-    tasks_file = wd.extract_dir(workdir) / "tasks.json"
+    tasks_file = wd.tasks_file(workdir)
     if tasks_file.is_file() and groups != [[]]:
         known = {t["name"] for t in wd.read_tasks(tasks_file)}
         unknown = sorted({t for g in groups for t in g} - known)

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import jax
 
-from merit_jax import workdir as wd
+from merit_jax import artifacts as wd
 
 Path = pathlib.Path
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "terminated", after the state was saved

@@ -1,4 +1,11 @@
-"""Where each stage reads and writes inside WORKDIR (layout fixed in DESIGN.md), in one place."""
+"""The work directory's artifacts (layout fixed in DESIGN.md), in one place: every path a stage reads or
+writes inside WORKDIR, the one typed reader and validator of each JSON artifact the stages pass on
+(tasks.json, partition.json, task_grads.npy), and atomic writes.
+
+    WORKDIR/config.json  data/  basin/  basin_run/  extract/{tasks.json, task_grads.npy, gram.npy,
+    stability.json}  split/{partition.json, cosine.npy}  branches/K/{final, metrics.jsonl}  merged/  hf/
+    evaluate/{results.json, hessian_alignment.json}  baselines/NAME/ (a work directory each)  report/  timings/
+"""
 
 from __future__ import annotations
 
@@ -27,8 +34,34 @@ def theta0_dir(workdir: Path, *, basin: bool, hf_path: str) -> Path:
     return Path(hf_path)
 
 
+def basin_run_dir(workdir: Path) -> Path:
+    """The basin's training run (checkpoints, metrics); its result is basin_dir."""
+    return Path(workdir) / "basin_run"
+
+
+def data_dir(workdir: Path) -> Path:
+    """Generated data and token-count caches."""
+    return Path(workdir) / "data"
+
+
+def config_file(workdir: Path) -> Path:
+    return Path(workdir) / "config.json"
+
+
+def timings_file(workdir: Path, key: str) -> Path:
+    return Path(workdir) / "timings" / f"{key}.json"
+
+
 def extract_dir(workdir: Path) -> Path:
     return Path(workdir) / "extract"
+
+
+def gram_file(workdir: Path) -> Path:
+    return extract_dir(workdir) / "gram.npy"
+
+
+def stability_file(workdir: Path) -> Path:
+    return extract_dir(workdir) / "stability.json"
 
 
 def tasks_file(workdir: Path) -> Path:
@@ -47,6 +80,10 @@ def partition_file(workdir: Path) -> Path:
     return split_dir(workdir) / "partition.json"
 
 
+def cosine_file(workdir: Path) -> Path:
+    return split_dir(workdir) / "cosine.npy"
+
+
 def branch_dir(workdir: Path, k: int) -> Path:
     return Path(workdir) / "branches" / str(k)
 
@@ -62,6 +99,19 @@ def merged_dir(workdir: Path) -> Path:
 
 def hf_dir(workdir: Path) -> Path:
     return Path(workdir) / "hf"
+
+
+def results_file(workdir: Path) -> Path:
+    return Path(workdir) / "evaluate" / "results.json"
+
+
+def alignment_file(workdir: Path) -> Path:
+    return Path(workdir) / "evaluate" / "hessian_alignment.json"
+
+
+def baseline_dir(workdir: Path, name: str) -> Path:
+    """Baseline `name`'s own work directory (its split, branches and merged model)."""
+    return Path(workdir) / "baselines" / name
 
 
 def report_dir(workdir: Path) -> Path:
