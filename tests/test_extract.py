@@ -548,6 +548,7 @@ def test_the_stability_reference_is_disjoint_and_leaves_the_calibration_examples
 
     from ml_collections import ConfigDict
 
+    from merit_jax.config import data_settings
     from merit_jax.data.mixture import _split_task
 
     indexed = [(i, types.SimpleNamespace(i=i, supervised_tokens=3)) for i in range(300)]
@@ -555,7 +556,7 @@ def test_the_stability_reference_is_disjoint_and_leaves_the_calibration_examples
     def split(reference):
         cfg = ConfigDict({"data": {"seed": 0, "heldout_fraction": 0.1, "heldout_max": 16},
                           "extract": {"n_calib": 200, "stability_reference": reference}})
-        return _split_task("t", indexed, 300, cfg, None)
+        return _split_task("t", indexed, 300, data_settings(cfg), None)
 
     without, with_ref = split(0), split(1000)
     assert [e.i for e in with_ref.calib] == [e.i for e in without.calib] and not without.reference
