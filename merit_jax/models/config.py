@@ -69,7 +69,7 @@ def tiny_hf_config(vocab_size: int, **overrides) -> dict[str, Any]:
     """A Qwen2 `config.json` dict for a random tiny model (the embedded default and tests)."""
     import transformers
 
-    cfg = transformers.Qwen2Config(vocab_size=vocab_size, **overrides)
-    d = cfg.to_dict()
+    hf = transformers.Qwen2Config(vocab_size=vocab_size, **overrides)
+    d = hf.to_dict()
     d["architectures"] = ["Qwen2ForCausalLM"]
     return d

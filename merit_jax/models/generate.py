@@ -12,10 +12,10 @@ from flax import nnx
 from merit_jax.models.qwen2 import make_attention_mask
 
 
-def _init_caches(cfg, batch: int, length: int, dtype) -> list[dict]:
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+def _init_caches(config, batch: int, length: int, dtype) -> list[dict]:
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.int32(0)}
-            for _ in range(cfg.num_layers)]
+            for _ in range(config.num_layers)]
 
 
 def _with_index(caches, index):

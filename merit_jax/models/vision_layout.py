@@ -108,9 +108,9 @@ class LayoutSizes(NamedTuple):
     window_segments: int
 
 
-def _grid_stats(grid: np.ndarray, vcfg: VisionConfig) -> tuple[int, list[int], int]:
+def _grid_stats(grid: np.ndarray, vision: VisionConfig) -> tuple[int, list[int], int]:
     """(patches, frame sizes in order, windows) of a list of image grids [N, 3]."""
-    m, ws = vcfg.spatial_merge_size, vcfg.window_units
+    m, ws = vision.spatial_merge_size, vision.window_units
     t, h, w = grid[:, 0], grid[:, 1], grid[:, 2]
     windows = t * -(-(h // m) // ws) * -(-(w // m) // ws)
     frames = [int(hi * wi) for ti, hi, wi in grid.tolist() for _ in range(ti)]
@@ -118,72 +118,72 @@ def _grid_stats(grid: np.ndarray, vcfg: VisionConfig) -> tuple[int, list[int], i
 
 
 def _segment_counts(stats: tuple[int, list[int], int], n_total: int, full_len: int,
-                    vcfg: VisionConfig) -> tuple[int, int]:
+                    vision: VisionConfig) -> tuple[int, int]:
     """(full-attention, window) segments a row with these stats takes at these sizes, as vision_layout lays
     them out: its frames packed into segments of full_len (its windows one per segment), then its padding
     patches (n_total - its own) in segments of their own."""
     n, frames, windows = stats
-    win_len = vcfg.window_units ** 2 * vcfg.merge_unit
+    win_len = vision.window_units ** 2 * vision.merge_unit
     return (len(_pack(frames, full_len)) + -(-(n_total - n) // full_len),
             windows + -(-(n_total - n) // win_len))
 
 
-def layout_sizes(grids: list, vcfg: VisionConfig) -> LayoutSizes:
+def layout_sizes(grids: list, vision: VisionConfig) -> LayoutSizes:
     """The smallest common (power-of-two bucketed) LayoutSizes that fit every grid list in `grids` (one per
     row or example; an empty list stands for a row without images: see `row_grid`) and a padding row.
 
     Every batch may carry padding rows (the last batch of an evaluation, empty rows up to a fixed row count);
     a padding row holds one smallest stand-in image and the rest padding patches, which takes more segments
     than a full row (padding never shares a segment), so it is always fitted too."""
-    stats = [_grid_stats(row_grid(g, vcfg), vcfg) for g in [*grids, []]]
+    stats = [_grid_stats(row_grid(g, vision), vision) for g in [*grids, []]]
     n_total = max(next_pow2(n) for n, _, _ in stats)
     full_len = max(next_pow2(max(frames)) for _, frames, _ in stats)
-    counts = [_segment_counts(st, n_total, full_len, vcfg) for st in stats]
+    counts = [_segment_counts(st, n_total, full_len, vision) for st in stats]
     return LayoutSizes(n_total, full_len, max(c[0] for c in counts), max(c[1] for c in counts))
 
 
-def fits(grid, sizes: LayoutSizes, vcfg: VisionConfig) -> bool:
+def fits(grid, sizes: LayoutSizes, vision: VisionConfig) -> bool:
     """Whether a row's images (grids [N, 3]; none: a padding row) lay out within `sizes`."""
-    n, frames, windows = stats = _grid_stats(row_grid(grid, vcfg), vcfg)
+    n, frames, windows = stats = _grid_stats(row_grid(grid, vision), vision)
     if n > sizes.num_patches or max(frames) > sizes.full_len:
         return False
-    full, window = _segment_counts(stats, sizes.num_patches, sizes.full_len, vcfg)
+    full, window = _segment_counts(stats, sizes.num_patches, sizes.full_len, vision)
     return full <= sizes.full_segments and window <= sizes.window_segments
 
 
-def grown_sizes(sizes: LayoutSizes, grids: list, vcfg: VisionConfig) -> LayoutSizes:
+def grown_sizes(sizes: LayoutSizes, grids: list, vision: VisionConfig) -> LayoutSizes:
     """Sizes that fit every row `sizes` fits and the rows of `grids` too, for sizes that grow while a run
     goes on (rows that were not fitted up front); the segment counts are rounded up to powers of two as well,
     so that growing sizes take few distinct shapes. No earlier row is needed: a row's frames pack into no more
     segments at a larger full_len (greedy packing of consecutive frames), and its padding segments grow by at
     most the added patches over the segment length."""
-    stats = [_grid_stats(row_grid(g, vcfg), vcfg) for g in grids]
+    stats = [_grid_stats(row_grid(g, vision), vision) for g in grids]
     n_total = max([sizes.num_patches] + [next_pow2(n) for n, _, _ in stats])
     full_len = max([sizes.full_len] + [next_pow2(max(frames)) for _, frames, _ in stats])
     added = n_total - sizes.num_patches
-    win_len = vcfg.window_units ** 2 * vcfg.merge_unit
-    counts = [_segment_counts(st, n_total, full_len, vcfg) for st in stats]
+    win_len = vision.window_units ** 2 * vision.merge_unit
+    counts = [_segment_counts(st, n_total, full_len, vision) for st in stats]
     full = max([sizes.full_segments + -(-added // full_len)] + [c[0] for c in counts])
     window = max([sizes.window_segments + -(-added // win_len)] + [c[1] for c in counts])
     return LayoutSizes(n_total, full_len, next_pow2(full), next_pow2(window))
 
 
-def stacked_layouts(grids: list, vcfg: VisionConfig, sizes: LayoutSizes | None = None) -> VisionLayout:
+def stacked_layouts(grids: list, vision: VisionConfig, sizes: LayoutSizes | None = None) -> VisionLayout:
     """One layout per grid list (row or example), stacked: every field gains a leading axis."""
-    sizes = sizes or layout_sizes(grids, vcfg)
-    layouts = [vision_layout(row_grid(g, vcfg), vcfg, sizes=sizes) for g in grids]
+    sizes = sizes or layout_sizes(grids, vision)
+    layouts = [vision_layout(row_grid(g, vision), vision, sizes=sizes) for g in grids]
     return jax.tree.map(lambda *xs: np.stack(xs), *layouts)
 
 
-def row_grid(grid, vcfg: VisionConfig) -> np.ndarray:
+def row_grid(grid, vision: VisionConfig) -> np.ndarray:
     """A row's grids [N, 3]; a row without images gets one smallest stand-in image (whose features no
     token picks), so that every row's layout is well-formed."""
     grid = np.asarray(grid, np.int64).reshape(-1, 3)
-    m = vcfg.spatial_merge_size
+    m = vision.spatial_merge_size
     return grid if len(grid) else np.array([[1, m, m]], np.int64)
 
 
-def vision_layout(image_grid_thw, vcfg: VisionConfig, *, bucket: bool = False,
+def vision_layout(image_grid_thw, vision: VisionConfig, *, bucket: bool = False,
                   sizes: LayoutSizes | None = None) -> VisionLayout:
     """The window reordering, its inverse, rotary positions and attention segments for a batch of images
     (numpy, from the concrete `image_grid_thw` [N, 3]), exactly as transformers' vision tower computes them.
@@ -195,7 +195,7 @@ def vision_layout(image_grid_thw, vcfg: VisionConfig, *, bucket: bool = False,
     grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
     if not len(grid):
         raise ValueError("vision_layout: image_grid_thw holds no image")
-    m, u, ws = vcfg.spatial_merge_size, vcfg.merge_unit, vcfg.window_units
+    m, u, ws = vision.spatial_merge_size, vision.merge_unit, vision.window_units
     if (grid[:, 1:] % m).any() or (grid <= 0).any():
         raise ValueError(f"image_grid_thw {grid.tolist()}: h and w must be positive multiples of "
                          f"spatial_merge_size={m}")
