@@ -113,6 +113,7 @@ def _random_model(cfg, hf_config: dict, settings, mesh):
 
     make = model_factory(hf_config, "basin tiny model (cfg.model.tiny)", dtype=settings.param_dtype,
                          compute_dtype=settings.compute_dtype, remat=settings.remat, attention=settings.attention,
+                         scan_layers=settings.scan_layers,
                          seed=int(cfg.get("seed", 0)))
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     init = jax.jit(lambda: nnx.split(make())[1], out_shardings=state_shardings(abstract, mesh),

@@ -17,6 +17,7 @@ CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("xla", "cudnn", "splash"),
+    "model.scan_layers": (False, True),
     "model.model_type": ("qwen2", "qwen2_5_vl"),
     "data.truncation": ("left", "right", "skip"),
     "extract.reduction": ("full", "stride", "sketch"),

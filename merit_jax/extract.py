@@ -544,7 +544,8 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     theta = theta0(cfg, workdir)
     mesh = mesh_for(cfg)
     model = load_model(theta, mesh=mesh, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
-                       remat=cfg.model.get("remat", "none"), attention=cfg.model.get("attention", "xla"))
+                       remat=cfg.model.get("remat", "none"), attention=cfg.model.get("attention", "xla"),
+                       scan_layers=bool(cfg.model.get("scan_layers", False)))
     tokenizer = load_tokenizer(cfg)
     mixture = load_mixture(cfg, tokenizer, workdir)
     names = select_params(list(P.flatten(model)), list(e.include), list(e.exclude))

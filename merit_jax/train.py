@@ -110,6 +110,7 @@ class TrainSettings:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
+    scan_layers: bool = False  # model.scan_layers: decoder (and vision) blocks as one lax.scan
     logits_chunk: int = 0  # model.logits_chunk: positions per logits chunk in the loss (0: all at once)
     xla_options: tuple[tuple[str, Any], ...] = ()  # per-jit XLA options of the train / eval steps
 
@@ -118,7 +119,7 @@ class TrainSettings:
         t, m = cfg.train, cfg.model
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: t.get(k) for k in fields if t.get(k, None) is not None}
-        for key in ("param_dtype", "compute_dtype", "remat", "attention", "logits_chunk"):
+        for key in ("param_dtype", "compute_dtype", "remat", "attention", "scan_layers", "logits_chunk"):
             if m.get(key, None) is not None:
                 values[key] = m.get(key)
         values.setdefault("seed", cfg.get("seed", 0))
@@ -147,6 +148,8 @@ class TrainSettings:
                 errors.append(f"model.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
         if self.remat not in REMAT:
             errors.append(f"model.remat={self.remat!r}: expected one of {REMAT}")
+        if not isinstance(self.scan_layers, bool):
+            errors.append(f"model.scan_layers={self.scan_layers!r}: expected True or False")
         if not self.learning_rate > 0:
             errors.append(f"train.learning_rate={self.learning_rate} must be > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -605,7 +608,8 @@ def _model_for(init, s: TrainSettings, mesh: Mesh, need_weights: bool):
         return model, params, None, None
     path = Path(init)
     hf_cfg = read_config(path)
-    policy = dict(dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention)
+    policy = dict(dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention,
+                  scan_layers=s.scan_layers)
     if need_weights:
         module = load_model(path, mesh=mesh, **policy)
         return SplitModel(module), SplitModel.params_of(module), hf_cfg, path

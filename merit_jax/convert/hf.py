@@ -138,22 +138,22 @@ def build_model(model_type: str, hf_cfg: dict, *, rngs, source="config.json", **
 
 
 def model_factory(hf_cfg: dict, source: str = "config.json", *, dtype="float32", compute_dtype=None,
-                  remat="none", attention="xla", seed: int = 0):
+                  remat="none", attention="xla", scan_layers: bool = False, seed: int = 0):
     """A zero-argument constructor (for `nnx.eval_shape` / sharded creation) of the model a config describes."""
     model_type = hf_cfg.get("model_type")
     if model_type != "qwen2_5_vl":
         ModelConfig.from_hf(hf_cfg, source)  # validate eagerly: a clear error before any tracing
     policy = dict(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(compute_dtype or dtype), remat=remat,
-                  attention=attention)
+                  attention=attention, scan_layers=scan_layers)
     return lambda: build_model(model_type, hf_cfg, rngs=nnx.Rngs(seed), source=source, **policy)
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, compute_dtype=None, remat="none",
-            attention="xla") -> nnx.Module:
+            attention="xla", scan_layers: bool = False) -> nnx.Module:
     """A Flax NNX model with the weights of a local HF directory (each device gets only its shards)."""
     hf_cfg = read_hf_config(path)
     make = model_factory(hf_cfg, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
-                         attention=attention)
+                         attention=attention, scan_layers=scan_layers)
     tensors = HFTensors(path)
     model = P.create_from_arrays(make, mesh, load_hf_params_fetch(tensors),
                                  what=str(path))
