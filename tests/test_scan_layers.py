@@ -41,16 +41,17 @@ def text_batch(rows: int = 4, t: int = 16, seed: int = 0):
     return jnp.asarray(ids), jnp.asarray(mask)
 
 
+def _token_loss(model, input_ids, **kwargs):
+    logits = model(input_ids, **kwargs)
+    targets = jnp.roll(input_ids, -1, axis=1)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)), logits
+
+
 def logits_and_grads(model, input_ids, **kwargs):
     """(logits, {name: gradient}) of a cross-entropy-like loss, jitted."""
     graphdef, state = nnx.split(model)
 
-    def loss(st):
-        logits = nnx.merge(graphdef, st)(input_ids, **kwargs)
-        targets = jnp.roll(input_ids, -1, axis=1)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)
-        return -jnp.mean(lp), logits
-
+    loss = lambda st: _token_loss(nnx.merge(graphdef, st), input_ids, **kwargs)
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
     return np.asarray(logits), {k: np.asarray(v, np.float32) for k, v in P.flatten(grads).items()}
 
@@ -130,14 +131,24 @@ def test_bf16_compute_scan_is_as_accurate_as_unrolled(reference):
 
 
 def test_sharded_scan_equals_unsharded_unrolled(reference):
-    """fsdp and tp (data=2, fsdp=2, tp=2): the stacked copy is sharded as the layers' parameters are."""
+    """fsdp and tp (data=2, fsdp=2, tp=2): the stacked copy is sharded as the layers' parameters are. Also
+    extraction's path: per-example gradients in a vmap whose examples are sharded over the data axes (the
+    stack's cotangent then carries the examples' axis)."""
     model, batch, want = reference  # 4 rows: one per (data, fsdp) shard
     mesh = make_mesh(data=2, fsdp=2, tp=2)
     graphdef, state = nnx.split(variant(model, lambda: build(scan_layers=True, remat="full")))
     state = jax.device_put(state, P.state_shardings(state, mesh))
     with jax.set_mesh(mesh):
         got = logits_and_grads(nnx.merge(graphdef, state), **batch)
+
+        def example_loss(st, ids, mask):
+            return _token_loss(nnx.merge(graphdef, st), ids[None], attention_mask=mask[None])[0]
+        per_example = jax.jit(jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0), spmd_axis_name=("data", "fsdp")))(
+            state, batch["input_ids"], batch["attention_mask"])
     assert_same(got, want, atol=1e-5, rtol=1e-4)
+    for name, g in P.flatten(per_example).items():  # equal-length rows: their mean is the batch's gradient
+        assert g.shape[0] == 4
+        np.testing.assert_allclose(np.asarray(g).mean(0), want[1][name], atol=1e-5, rtol=1e-4, err_msg=name)
 
 
 def test_splash_attention_scan_equals_unrolled():

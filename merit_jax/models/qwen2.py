@@ -8,6 +8,7 @@ Every parameter carries its logical axes (`merit_jax.sharding.LOGICAL_RULES` map
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -147,21 +148,24 @@ _REMAT_POLICIES = {
 }
 
 
-@jax.custom_vjp
-def stack_layers(xs: tuple[Array, ...]) -> Array:
-    """jnp.stack(xs), whose gradient comes back as one separate array per layer: each slice of the stacked
-    cotangent is materialised (an optimisation barrier), so that what consumes a layer's gradient (the
-    optimizer's update) does not fuse the slice at that layer's offset. Fused, every layer's update is a kernel
-    of its own, which the TPU compiler generates one by one (7B: minutes); unfused, the layers' updates are
-    the same kernel."""
-    return jnp.stack(xs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def stack_layers(xs: tuple[Array, ...], logical_axes: tuple | None) -> Array:
+    """jnp.stack(xs), sharded as one layer's parameter (`logical_axes`) is, on a new unsharded leading axis.
+
+    Its gradient comes back as one separate array per layer: each slice of the stacked cotangent is
+    materialised (an optimisation barrier), so that what consumes a layer's gradient (the optimizer's update)
+    does not fuse the slice at that layer's offset. Fused, every layer's update is a kernel of its own, which
+    the TPU compiler generates one by one (7B: minutes); unfused, the layers' updates are the same kernel.
+    The cotangent is not constrained: under extraction's vmap over examples it carries their axis."""
+    x_l = jnp.stack(xs)
+    return x_l if logical_axes is None else constrain(x_l, (None, *logical_axes))
 
 
-def _stack_fwd(xs):
-    return jnp.stack(xs), None
+def _stack_fwd(xs, logical_axes):
+    return stack_layers(xs, logical_axes), None
 
 
-def _stack_bwd(_, g_l):
+def _stack_bwd(logical_axes, _, g_l):
     return (tuple(jax.lax.optimization_barrier(g_l[i]) for i in range(g_l.shape[0])),)
 
 
@@ -183,10 +187,9 @@ def scan_blocks(blocks, x, step, *, dtype, remat: str = "none", per_block=None):
     graphdef = nnx.graphdef(blocks[0])
 
     def stack(*vs: nnx.Variable) -> nnx.Variable:
-        x_l = stack_layers(tuple(v[...].astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v[...]
-                                 for v in vs))
         axes = vs[0].get_metadata().get("logical_axes")
-        return vs[0].replace(x_l if axes is None else constrain(x_l, (None, *axes)))
+        return vs[0].replace(stack_layers(tuple(v[...].astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating)
+                                                else v[...] for v in vs), None if axes is None else tuple(axes)))
 
     stacked = jax.tree.map(stack, *(nnx.state(b) for b in blocks), is_leaf=lambda v: isinstance(v, nnx.Variable))
 
