@@ -23,6 +23,7 @@ CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("xla", "cudnn", "splash"),
+    "model.scan_layers": (False, True),
     "model.model_type": ("qwen2", "qwen2_5_vl"),
     "data.truncation": ("left", "right", "skip"),
     "extract.reduction": ("full", "stride", "sketch"),
@@ -64,6 +65,7 @@ class ModelSettings:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
+    scan_layers: bool = False
     logits_chunk: int = 0
 
 
@@ -221,6 +223,7 @@ class TrainSettings:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
+    scan_layers: bool = False  # model.scan_layers: decoder (and vision) blocks as one lax.scan
     logits_chunk: int = 0  # model.logits_chunk: positions per logits chunk in the loss (0: all at once)
     xla_options: tuple[tuple[str, Any], ...] = ()  # per-jit XLA options of the train / eval steps
 
@@ -233,6 +236,8 @@ class TrainSettings:
         for key in ("param_dtype", "compute_dtype"):
             if getattr(self, key) not in DTYPES:
                 errors.append(f"model.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
+        if not isinstance(self.scan_layers, bool):
+            errors.append(f"model.scan_layers={self.scan_layers!r}: expected True or False")
         if self.remat not in REMAT:
             errors.append(f"model.remat={self.remat!r}: expected one of {REMAT}")
         if not self.learning_rate > 0:
@@ -396,7 +401,7 @@ def train_settings(cfg, **overrides) -> TrainSettings:
     t, m = cfg.train, cfg.model
     fields = {f.name for f in dataclasses.fields(TrainSettings)}
     values = {k: t.get(k) for k in fields if t.get(k, None) is not None}
-    for key in ("param_dtype", "compute_dtype", "remat", "attention", "logits_chunk"):
+    for key in ("param_dtype", "compute_dtype", "remat", "attention", "scan_layers", "logits_chunk"):
         if m.get(key, None) is not None:
             values[key] = m.get(key)
     values.setdefault("seed", cfg.get("seed", 0))

@@ -76,7 +76,9 @@ def test_tiny_vl_model_plans_its_image_rows():
     programs = record["programs"]
     # 112 x 112 px images (data.image_max_pixels = 16 tokens): 8 fill a row of 128 in training, one per example
     assert programs["train_step"]["images_per_row"] == 8 and programs["extract_step"]["images_per_row"] == 1
-    assert programs["extract_step"]["loop_factor"] == 1.0 and programs["extract_step"]["rows_per_chip"] == 4
+    # one micro-chunk; the loop factor counts the scans over the decoder layers and vision blocks
+    # (model.scan_layers), each with its trip count
+    assert programs["extract_step"]["loop_factor"] > 1.0 and programs["extract_step"]["rows_per_chip"] == 4
     assert "branch 1" in plan.format_plan(record) and len(record["run"]["branches"]) == 2
 
 
@@ -127,7 +129,8 @@ def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
     s = config.train_settings(cfg)
     mesh = mesh_for(cfg)
     hf = tiny_config(config.model_settings(cfg), load_tokenizer(data_settings(cfg)))
-    make = model_factory(hf, dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat)
+    make = model_factory(hf, dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat,
+                         scan_layers=s.scan_layers)
     model = SplitModel(nnx.eval_shape(make))
     fns = build_step_functions(model, s, num_steps=10, mesh=mesh)
     params = {k: jax.device_put(v, fns.param_shardings[k]) for k, v in random_params(hf).items()}

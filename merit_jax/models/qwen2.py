@@ -8,6 +8,7 @@ Every parameter carries its logical axes (`merit_jax.sharding.LOGICAL_RULES` map
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -26,7 +27,8 @@ class DTypePolicy:
     param_dtype: Any = jnp.float32  # master weights
     compute_dtype: Any = jnp.float32  # matmuls and activations
     remat: str = "none"  # none | full | dots
-    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | splash
+    scan_layers: bool = False  # run the stacked blocks through one lax.scan (`scan_blocks`), not unrolled
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = 0.02) -> nnx.Param:
@@ -146,6 +148,60 @@ _REMAT_POLICIES = {
 }
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def stack_layers(xs: tuple[Array, ...], logical_axes: tuple | None) -> Array:
+    """jnp.stack(xs), sharded as one layer's parameter (`logical_axes`) is, on a new unsharded leading axis.
+
+    Its gradient comes back as one separate array per layer: each slice of the stacked cotangent is
+    materialised (an optimisation barrier), so that what consumes a layer's gradient (the optimizer's update)
+    does not fuse the slice at that layer's offset. Fused, every layer's update is a kernel of its own, which
+    the TPU compiler generates one by one (7B: minutes); unfused, the layers' updates are the same kernel.
+    The cotangent is not constrained: under extraction's vmap over examples it carries their axis."""
+    x_l = jnp.stack(xs)
+    return x_l if logical_axes is None else constrain(x_l, (None, *logical_axes))
+
+
+def _stack_fwd(xs, logical_axes):
+    return stack_layers(xs, logical_axes), None
+
+
+def _stack_bwd(logical_axes, _, g_l):
+    return (tuple(jax.lax.optimization_barrier(g_l[i]) for i in range(g_l.shape[0])),)
+
+
+stack_layers.defvjp(_stack_fwd, _stack_bwd)
+
+
+def scan_blocks(blocks, x, step, *, dtype, remat: str = "none", per_block=None):
+    """x after `step(block, x, per_block[i]) -> x` for every block in turn, as one `lax.scan`: the program
+    holds one block, so its size and compile time do not grow with depth.
+
+    The blocks keep their own parameters (names, checkpoints and gradients stay per block); the scan runs over
+    a copy stacked on a new leading axis at call time, cast to the compute `dtype` first (a bf16 stack under
+    bf16 compute: the blocks cast their weights to it anyway, so the results are the same), sharded as the
+    blocks' parameters are. Gradients flow back through the stack to each block's parameters. `remat` is
+    applied to each step (jax.checkpoint), as the unrolled loop applies it to each block.
+    """
+    if not len(blocks):
+        return x
+    graphdef = nnx.graphdef(blocks[0])
+
+    def stack(*vs: nnx.Variable) -> nnx.Variable:
+        axes = vs[0].get_metadata().get("logical_axes")
+        return vs[0].replace(stack_layers(tuple(v[...].astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating)
+                                                else v[...] for v in vs), None if axes is None else tuple(axes)))
+
+    stacked = jax.tree.map(stack, *(nnx.state(b) for b in blocks), is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def body(x, xs):
+        state, extra = xs
+        return step(nnx.merge(graphdef, state), x, extra), None
+
+    if remat != "none":  # prevent_cse=False: the scan already keeps XLA from merging the recomputation away
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, (stacked, per_block))[0]
+
+
 def make_attention_mask(positions_bt: Array, segment_ids_bt: Array | None, key_valid_bs: Array | None,
                    key_positions_bs: Array | None = None) -> Array:
     """bool [B, 1, T, S]: causal by position, same segment, valid key."""
@@ -184,6 +240,11 @@ class Qwen2Model(nnx.Module):
         else:
             cos, sin = rope_cos_sin(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
         cos, sin = cos.astype(self.policy.compute_dtype), sin.astype(self.policy.compute_dtype)
+        if self.policy.scan_layers and caches is None:  # decoding (KV caches) stays unrolled: no gradients,
+            # and each layer's cache would have to be stacked and unstacked around the scan
+            x_btd = scan_blocks(self.layers, x_btd, lambda layer, x, _: layer(x, cos, sin, mask_b1ts)[0],
+                                dtype=self.policy.compute_dtype, remat=self.policy.remat)
+            return self.norm(x_btd), None
         new_caches = []
         remat = self.policy.remat != "none" and caches is None  # decoding never needs gradients
         if remat:
@@ -197,14 +258,19 @@ class Qwen2Model(nnx.Module):
         return self.norm(x_btd), (new_caches if caches is not None else None)
 
 
+def make_policy(param_dtype, compute_dtype, remat: str, attention: str, scan_layers: bool) -> DTypePolicy:
+    if remat not in ("none", *_REMAT_POLICIES):
+        raise ValueError(f"model.remat={remat!r}: expected one of none, {', '.join(_REMAT_POLICIES)}")
+    return DTypePolicy(jnp.dtype(param_dtype), jnp.dtype(compute_dtype), remat, attention, bool(scan_layers))
+
+
 class Qwen2ForCausalLM(nnx.Module):
     """input_ids [B, T] -> logits float32 [B, T, V]."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-                 compute_dtype=jnp.float32, remat: str = "none", attention: str = "xla"):
-        if remat not in ("none", *_REMAT_POLICIES):
-            raise ValueError(f"model.remat={remat!r}: expected one of none, {', '.join(_REMAT_POLICIES)}")
-        policy = DTypePolicy(jnp.dtype(param_dtype), jnp.dtype(compute_dtype), remat, attention)
+                 compute_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
+                 scan_layers: bool = False):
+        policy = make_policy(param_dtype, compute_dtype, remat, attention, scan_layers)
         self.config, self.policy = cfg, policy
         self.model = Qwen2Model(cfg, policy, rngs)
         self.lm_head = (None if cfg.tie_word_embeddings else

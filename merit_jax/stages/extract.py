@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from merit_jax import config
 from merit_jax import sketch as sk
 from merit_jax import artifacts as wd
 from merit_jax.stages import theta0_of
@@ -84,8 +85,9 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
 
     theta = theta0_of(cfg, workdir)
     mesh = mesh_for(cfg)
-    model = load_model(theta, mesh=mesh, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
-                       remat=cfg.model.get("remat", "none"), attention=cfg.model.get("attention", "xla"))
+    m = config.model_settings(cfg)
+    model = load_model(theta, mesh=mesh, dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                       attention=m.attention, scan_layers=m.scan_layers)
     tokenizer = load_tokenizer(data_settings(cfg))
     mixture = load_mixture(data_settings(cfg), tokenizer, workdir)
     names = select_params(list(P.flatten(model)), list(s.include), list(s.exclude))

@@ -59,7 +59,8 @@ def _model_for(init, s: TrainSettings, mesh: Mesh, need_weights: bool):
         return model, params, None, None
     path = Path(init)
     hf = read_config(path)
-    policy = dict(dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention)
+    policy = dict(dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention,
+                  scan_layers=s.scan_layers)
     if need_weights:
         module = load_model(path, mesh=mesh, **policy)
         return SplitModel(module), SplitModel.params_of(module), hf, path

@@ -39,5 +39,6 @@ def random_model(hf_config: dict, s: TrainSettings, mesh: Mesh, seed: int) -> nn
     from merit_jax.models.registry import model_factory
 
     make = model_factory(hf_config, "basin tiny model (model.tiny)", dtype=s.param_dtype,
-                         compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention, seed=seed)
+                         compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention,
+                         scan_layers=s.scan_layers, seed=seed)
     return P.create_sharded(make, mesh)
