@@ -82,8 +82,8 @@ def apply_rope(x_btnh: Array, cos_bth: Array, sin_bth: Array) -> Array:
 class Attention(nnx.Module):
     """Grouped-query attention with q/k/v biases; RoPE applied by the caller-provided cos/sin."""
 
-    def __init__(self, cfg: ModelConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    def __init__(self, arch: ModelConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        n, k, h, d = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size
         self.q_proj = Linear(d, n * h, ("embed", "heads"), bias=True, policy=policy, rngs=rngs)
         self.k_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=True, policy=policy, rngs=rngs)
         self.v_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=True, policy=policy, rngs=rngs)
@@ -117,8 +117,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, arch: ModelConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        d, f = arch.hidden_size, arch.intermediate_size
         self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=False, policy=policy, rngs=rngs)
         self.up_proj = Linear(d, f, ("embed", "mlp"), bias=False, policy=policy, rngs=rngs)
         self.down_proj = Linear(f, d, ("mlp", "embed"), bias=False, policy=policy, rngs=rngs)
@@ -129,11 +129,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
-        self.self_attn = Attention(cfg, policy, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
-        self.mlp = MLP(cfg, policy, rngs)
+    def __init__(self, arch: ModelConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, policy)
+        self.self_attn = Attention(arch, policy, rngs)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, policy)
+        self.mlp = MLP(arch, policy, rngs)
 
     def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, cache=None):
         attn_btd, cache = self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, mask_b1ts, cache)
@@ -226,11 +226,11 @@ class Embedding(nnx.Module):
 
 
 class Qwen2Model(nnx.Module):
-    def __init__(self, cfg: ModelConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, policy, rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, policy, rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
-        self.cfg, self.policy = cfg, policy
+    def __init__(self, arch: ModelConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, policy, rngs)
+        self.layers = nnx.List([DecoderLayer(arch, policy, rngs) for _ in range(arch.num_layers)])
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, policy)
+        self.arch, self.policy = arch, policy
 
     def __call__(self, input_ids_bt, positions_bt, mask_b1ts, caches=None, inputs_embeds_btd=None):
         x_btd = self.embed_tokens(input_ids_bt) if inputs_embeds_btd is None else inputs_embeds_btd
@@ -238,7 +238,7 @@ class Qwen2Model(nnx.Module):
         if isinstance(positions_bt, (tuple, list)) or positions_bt.ndim != 2:
             cos, sin = positions_bt  # precomputed (multimodal RoPE): a (cos, sin) pair, or them stacked
         else:
-            cos, sin = rope_cos_sin(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
+            cos, sin = rope_cos_sin(positions_bt, self.arch.head_dim, self.arch.rope_theta)
         cos, sin = cos.astype(self.policy.compute_dtype), sin.astype(self.policy.compute_dtype)
         if self.policy.scan_layers and caches is None:  # decoding (KV caches) stays unrolled: no gradients,
             # and each layer's cache would have to be stacked and unstacked around the scan
@@ -267,14 +267,14 @@ def make_policy(param_dtype, compute_dtype, remat: str, attention: str, scan_lay
 class Qwen2ForCausalLM(nnx.Module):
     """input_ids [B, T] -> logits float32 [B, T, V]."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+    def __init__(self, arch: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                  compute_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
                  scan_layers: bool = False):
         policy = make_policy(param_dtype, compute_dtype, remat, attention, scan_layers)
-        self.config, self.policy = cfg, policy
-        self.model = Qwen2Model(cfg, policy, rngs)
-        self.lm_head = (None if cfg.tie_word_embeddings else
-                        Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, policy=policy,
+        self.config, self.policy = arch, policy
+        self.model = Qwen2Model(arch, policy, rngs)
+        self.lm_head = (None if arch.tie_word_embeddings else
+                        Linear(arch.hidden_size, arch.vocab_size, ("embed", "vocab"), bias=False, policy=policy,
                                rngs=rngs))
 
     def logits(self, h_btd: Array) -> Array:

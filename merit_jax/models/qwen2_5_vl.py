@@ -119,14 +119,14 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     `config` is the language model's ModelConfig (so text-only tools, e.g. `generate`, work unchanged);
     `vl_config` the whole VLConfig."""
 
-    def __init__(self, cfg: VLConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.float32,
+    def __init__(self, arch: VLConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.float32,
                  remat: str = "none", attention: str = "xla", scan_layers: bool = False):
         policy = make_policy(param_dtype, compute_dtype, remat, attention, scan_layers)
-        self.vl_config, self.config, self.policy = cfg, cfg.text, policy
-        self.visual = VisionTransformer(cfg.vision, policy, rngs)
-        self.model = Qwen2Model(cfg.text, policy, rngs)
-        self.lm_head = (None if cfg.text.tie_word_embeddings else
-                        Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False,
+        self.vl_config, self.config, self.policy = arch, arch.text, policy
+        self.visual = VisionTransformer(arch.vision, policy, rngs)
+        self.model = Qwen2Model(arch.text, policy, rngs)
+        self.lm_head = (None if arch.text.tie_word_embeddings else
+                        Linear(arch.text.hidden_size, arch.text.vocab_size, ("embed", "vocab"), bias=False,
                                policy=policy, rngs=rngs))
 
     @classmethod
@@ -394,9 +394,9 @@ def tiny_vl_hf_config(vocab_size: int, token_ids: dict[str, int], *, text: dict 
     ids = {"image_token_id": token_ids["<|image_pad|>"], "vision_start_token_id": token_ids["<|vision_start|>"],
            "vision_end_token_id": token_ids["<|vision_end|>"],
            "video_token_id": token_ids.get("<|video_pad|>", token_ids["<|image_pad|>"])}
-    cfg = transformers.Qwen2_5_VLConfig(
+    hf = transformers.Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab_size, rope_parameters=rope, bos_token_id=None, eos_token_id=None, **t),
         vision_config=dict(out_hidden_size=t["hidden_size"], **v), tie_word_embeddings=tie_word_embeddings, **ids)
-    d = cfg.to_dict()
+    d = hf.to_dict()
     d["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
     return d

@@ -72,7 +72,7 @@ def vision_config_from_hf(v: dict, text: ModelConfig, source: str) -> VisionConf
         return int(x)
 
     rope = v.get("rope_parameters") or {}
-    cfg = VisionConfig(
+    arch = VisionConfig(
         depth=int(v.get("depth", 32)), hidden_size=int(v.get("hidden_size", 3584)),
         intermediate_size=int(v.get("intermediate_size", 3420)), num_heads=int(v.get("num_heads", 16)),
         out_hidden_size=int(v.get("out_hidden_size", 3584)), in_channels=scalar("in_channels", 3, "in_chans"),
@@ -80,15 +80,15 @@ def vision_config_from_hf(v: dict, text: ModelConfig, source: str) -> VisionConf
         spatial_merge_size=int(v.get("spatial_merge_size", 2)), window_size=int(v.get("window_size", 112)),
         fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", (7, 15, 23, 31))),
         rope_theta=float(rope.get("rope_theta", 10000.0)), hidden_act=v.get("hidden_act", "silu"))
-    if cfg.out_hidden_size != text.hidden_size:
-        raise ValueError(f"{source}: vision_config.out_hidden_size={cfg.out_hidden_size} differs from the text "
+    if arch.out_hidden_size != text.hidden_size:
+        raise ValueError(f"{source}: vision_config.out_hidden_size={arch.out_hidden_size} differs from the text "
                          f"hidden_size={text.hidden_size}")
-    if cfg.hidden_act not in _ACTIVATIONS:
-        raise ValueError(f"{source}: vision_config.hidden_act {cfg.hidden_act!r} is not supported "
+    if arch.hidden_act not in _ACTIVATIONS:
+        raise ValueError(f"{source}: vision_config.hidden_act {arch.hidden_act!r} is not supported "
                          f"({sorted(_ACTIVATIONS)})")
-    if cfg.window_units < 1:
-        raise ValueError(f"{source}: vision_config.window_size={cfg.window_size} is smaller than one merged unit")
-    return cfg
+    if arch.window_units < 1:
+        raise ValueError(f"{source}: vision_config.window_size={arch.window_size} is smaller than one merged unit")
+    return arch
 
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -104,8 +104,8 @@ class PatchConv(nnx.Module):
 
     `weight` keeps HF's Conv3d layout [D, C, T, p, p] (so it converts as is)."""
 
-    def __init__(self, cfg: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        shape = (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    def __init__(self, arch: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        shape = (arch.hidden_size, arch.in_channels, arch.temporal_patch_size, arch.patch_size, arch.patch_size)
         self.weight = _param(rngs, shape, ("embed", None, None, None, None), policy.param_dtype)
         self.dtype = policy.compute_dtype
 
@@ -115,8 +115,8 @@ class PatchConv(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    def __init__(self, cfg: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        self.proj = PatchConv(cfg, policy, rngs)
+    def __init__(self, arch: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        self.proj = PatchConv(arch, policy, rngs)
 
     def __call__(self, pixels_pc: Array) -> Array:
         return self.proj(pixels_pc)
@@ -156,11 +156,11 @@ def segment_attention(q_pnh: Array, k_pnh: Array, v_pnh: Array, seg: SegmentGath
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        d = cfg.hidden_size
+    def __init__(self, arch: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        d = arch.hidden_size
         self.qkv = Linear(d, 3 * d, ("embed", "heads"), bias=True, policy=policy, rngs=rngs)
         self.proj = Linear(d, d, ("heads", "embed"), bias=True, policy=policy, rngs=rngs)
-        self.n, self.h = cfg.num_heads, cfg.head_dim
+        self.n, self.h = arch.num_heads, arch.head_dim
         self.implementation = None if policy.attention == "xla" else policy.attention
 
     def __call__(self, x_pd: Array, cos_ph: Array, sin_ph: Array, seg: SegmentGather) -> Array:
@@ -174,23 +174,23 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     """down(act(gate(x)) * up(x)), with biases."""
 
-    def __init__(self, cfg: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, arch: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        d, f = arch.hidden_size, arch.intermediate_size
         self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=True, policy=policy, rngs=rngs)
         self.up_proj = Linear(d, f, ("embed", "mlp"), bias=True, policy=policy, rngs=rngs)
         self.down_proj = Linear(f, d, ("mlp", "embed"), bias=True, policy=policy, rngs=rngs)
-        self.act = cfg.hidden_act
+        self.act = arch.hidden_act
 
     def __call__(self, x: Array) -> Array:
         return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        self.norm1 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, policy)
-        self.attn = VisionAttention(cfg, policy, rngs)
-        self.norm2 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, policy)
-        self.mlp = VisionMLP(cfg, policy, rngs)
+    def __init__(self, arch: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        self.norm1 = RMSNorm(arch.hidden_size, VISION_NORM_EPS, policy)
+        self.attn = VisionAttention(arch, policy, rngs)
+        self.norm2 = RMSNorm(arch.hidden_size, VISION_NORM_EPS, policy)
+        self.mlp = VisionMLP(arch, policy, rngs)
 
     def __call__(self, x_pd, cos_ph, sin_ph, seg):
         x_pd = x_pd + self.attn(self.norm1(x_pd), cos_ph, sin_ph, seg)
@@ -207,11 +207,11 @@ class GELU(nnx.Module):
 class PatchMerger(nnx.Module):
     """RMSNorm, then each 2x2 group of consecutive patches (4*D) -> Linear -> GELU -> Linear -> out width."""
 
-    def __init__(self, cfg: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        d4 = cfg.hidden_size * cfg.merge_unit
-        self.ln_q = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, policy)
+    def __init__(self, arch: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        d4 = arch.hidden_size * arch.merge_unit
+        self.ln_q = RMSNorm(arch.hidden_size, VISION_NORM_EPS, policy)
         self.mlp = nnx.List([Linear(d4, d4, ("embed", "mlp"), bias=True, policy=policy, rngs=rngs), GELU(),
-                             Linear(d4, cfg.out_hidden_size, ("mlp", "embed"), bias=True, policy=policy,
+                             Linear(d4, arch.out_hidden_size, ("mlp", "embed"), bias=True, policy=policy,
                                     rngs=rngs)])
         self.d4 = d4
 
@@ -225,11 +225,11 @@ class PatchMerger(nnx.Module):
 class VisionTransformer(nnx.Module):
     """pixel_values [P, C*T*p*p] (processor order) -> merged image features [U, out_hidden] (processor order)."""
 
-    def __init__(self, cfg: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
-        self.patch_embed = PatchEmbed(cfg, policy, rngs)
-        self.blocks = nnx.List([VisionBlock(cfg, policy, rngs) for _ in range(cfg.depth)])
-        self.merger = PatchMerger(cfg, policy, rngs)
-        self.cfg, self.policy = cfg, policy
+    def __init__(self, arch: VisionConfig, policy: DTypePolicy, rngs: nnx.Rngs):
+        self.patch_embed = PatchEmbed(arch, policy, rngs)
+        self.blocks = nnx.List([VisionBlock(arch, policy, rngs) for _ in range(arch.depth)])
+        self.merger = PatchMerger(arch, policy, rngs)
+        self.arch, self.policy = arch, policy
 
     def __call__(self, pixel_values: Array, layout: VisionLayout) -> Array:
         n = layout.patch_order.shape[0]
@@ -237,8 +237,8 @@ class VisionTransformer(nnx.Module):
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, the layout {n}")
         pixel_values = jnp.pad(pixel_values, ((0, n - pixel_values.shape[0]), (0, 0)))  # bucket padding
         x_pd = self.patch_embed(pixel_values)[jnp.asarray(layout.patch_order)]
-        cos, sin = vision_rope(layout.rope_hw, self.cfg.head_dim, self.cfg.rope_theta)
-        full = tuple(i in self.cfg.fullatt_block_indexes for i in range(len(self.blocks)))
+        cos, sin = vision_rope(layout.rope_hw, self.arch.head_dim, self.arch.rope_theta)
+        full = tuple(i in self.arch.fullatt_block_indexes for i in range(len(self.blocks)))
         blocks = self._scanned if self.policy.scan_layers else self._unrolled
         return self.merger(blocks(x_pd, cos, sin, layout, full))[jnp.asarray(layout.unit_restore)]
 
