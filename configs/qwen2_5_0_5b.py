@@ -20,6 +20,7 @@ def get_config(size: str = "0.5b"):
     c.model.hf_path = ""  # required: --config.model.hf_path=/path/to/Qwen2.5-{size}-Instruct
     c.model.compute_dtype = "bfloat16"
     c.model.remat = "dots"
+    c.model.scan_layers = True  # compile time independent of depth (configs/qwen2_5_3b.py: off, docs/TRAINING.md)
     c.model.attention = "xla"  # "cudnn" on NVIDIA GPUs
     c.basin.enabled = False
     c.mesh.update(data=1, fsdp=-1, tp=1)

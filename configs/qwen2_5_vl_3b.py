@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.compute_dtype = "bfloat16"
     m.remat = "full"
+    m.scan_layers = True  # decoder layers and vision blocks as one scan each (docs/TRAINING.md)
     m.attention = "xla"  # "cudnn" on GPUs that support it
 
     c.mesh.fsdp = -1
