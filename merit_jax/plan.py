@@ -1,10 +1,11 @@
 """Planning before hardware: the programs a config runs, compiled for a TPU topology on this machine.
 
     python -m merit_jax.plan --config CONFIG --topology NAME [--config.KEY=VALUE ...] [--json FILE]
-        [--tokens N --tasks T] [--workdir DIR] [--programs train_step,extract_step,eval_step]
+        [--tokens N --tasks T] [--workdir DIR] [--programs train_step,extract_step,fwd_bwd_step,eval_step]
 
 Compiles, without weights and without the hardware (XLA's deviceless compilation through libtpu), the branch
-train step, the extraction step and the held-out eval step of the config on the named topology (Cloud TPU's
+train step, the extraction step (and one plain forward+backward of its micro-chunk, its yardstick) and the
+held-out eval step of the config on the named topology (Cloud TPU's
 names: v5p-8, v5e-16, v4-8, ...; `cpu` compiles for this machine's CPU devices) with the config's mesh and
 shardings, and prints per program the bytes per chip against the chip's HBM, flops, XLA's roofline time, the
 roofline MFU bound and the compile time; then the whole run projected from the mixture's token counts (or
@@ -90,8 +91,23 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
               "peak_flops_per_chip": topo.chip and topo.chip.peak_bf16_flops, "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "params": int(sum(math.prod(v[0]) for v in _specs(model).values())),
               "programs": out}
+    if "extract_step" in out and "fwd_bwd_step" in out:
+        out["extract_step"]["vs_fwd_bwd"] = versus(out["extract_step"], out["fwd_bwd_step"])
     record["run"] = project(cfg, s, size, out, record["params"])
     return record
+
+
+def versus(program: dict, base: dict) -> dict:
+    """`program` (e.g. the extraction step: one task) against `base` (one forward+backward of a micro-chunk)
+    run `chunks` times over the same tokens: ratios of per-chip bytes, flops and roofline time."""
+    chunks = program["tokens"] / base["tokens"]
+
+    def ratio(key, times):
+        a, b = program.get(key), base.get(key)
+        return None if a is None or not b else a / (times * b)
+
+    return {"chunks": chunks, "total_bytes": ratio("total_bytes", 1), "flops": ratio("flops", chunks),
+            "roofline_s": ratio("roofline_s", chunks), "compile_s": ratio("compile_s", 1)}
 
 
 def compile_program(name: str, cfg, s, model, mesh, topo: hardware.Topology, num_tasks: int) -> dict:
@@ -114,12 +130,16 @@ def compile_program(name: str, cfg, s, model, mesh, topo: hardware.Topology, num
         rows, seq = s.eval_batch_size or s.batch_size, s.seq_len
         per_chip = rows / dp
         flops = pp.model_flops(counts, "eval", rows, seq, images, vl)
-    else:
+    else:  # extract_step (one task) or fwd_bwd_step (one of its micro-chunks)
         from merit_jax.extract import seq_bucket
         seq = seq_bucket(int(cfg.data.max_len))
         images = pp.image_budget(cfg, vl, seq, 1) if vl else None
-        fn, args, ex = pp.extract_step(cfg, model, mesh, images)
-        chunks = args[3]["input_ids"].shape[0]
+        if name == "extract_step":
+            fn, args, ex = pp.extract_step(cfg, model, mesh, images)
+            chunks = args[3]["input_ids"].shape[0]
+        else:
+            fn, args, ex = pp.fwd_bwd_step(cfg, model, mesh, images)
+            chunks = 1
         rows, per_chip = chunks * ex.micro_chunk, ex.micro_chunk / math.prod(mesh.shape[a] for a in ex.batch_axes)
         visual = any(n.startswith("visual/") for n in ex.layout.names)
         flops = pp.model_flops(counts, "extract", rows, seq, images, vl, visual)
@@ -221,8 +241,9 @@ def project(cfg, s, size: dict, programs: dict, params: int) -> dict:
     def training(steps, heldout):
         evals = 2 + ((steps - 1) // s.eval_every if s.eval_every else 0)
         eval_steps = evals * math.ceil(heldout / eval_rows)
-        return {"steps": steps, "eval_steps": eval_steps,
-                "seconds": add(seconds("train_step", steps), seconds("eval_step", eval_steps))}
+        train_s = seconds("train_step", steps)
+        return {"steps": steps, "eval_steps": eval_steps, "train_seconds": train_s,
+                "seconds": add(train_s, seconds("eval_step", eval_steps))}
 
     out = {"source": size["source"], "tasks": size["tasks"], "tokens": size["tokens"],
            "groups_assumed_equal": size["balanced"]}
@@ -279,6 +300,12 @@ def format_plan(record: dict, config_name: str = "") -> str:
                      "-" if p["roofline_s"] is None else f"{p['roofline_s']:.4g}", str(p["tokens"]),
                      "-" if p["mfu_bound"] is None else f"{p['mfu_bound']:.2f}", f"{p['compile_s']:.1f}"))
     lines = [head, "", _table(cols, rows), ""]
+    vs = record["programs"].get("extract_step", {}).get("vs_fwd_bwd")
+    if vs:
+        fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"
+        lines += [f"extract_step against fwd_bwd_step x {vs['chunks']:g} (the same tokens): bytes/chip "
+                  f"{fmt(vs['total_bytes'])}, flops {fmt(vs['flops'])}, roofline {fmt(vs['roofline_s'])}; compile "
+                  f"{fmt(vs['compile_s'])}", ""]
     run = record["run"]
     src = ("the data" if run["source"] == "data" else "--tokens / --tasks") + (
         ", groups assumed equal" if run["groups_assumed_equal"] else ", groups from split/partition.json")
@@ -322,7 +349,7 @@ def refusals(record: dict, cfg) -> list[str]:
             fix = (f"fewer rows per chip (now {p['rows_per_chip']:g}: train.batch_size={cfg.train.batch_size} over "
                    f"mesh.data*mesh.fsdp={dp} chips and train.grad_accum={cfg.train.get('grad_accum', 1)}; raise "
                    "train.grad_accum)")
-        elif name == "extract_step":
+        elif name in ("extract_step", "fwd_bwd_step"):
             fix = f"fewer examples per chip (now {p['rows_per_chip']:g}: lower extract.micro_chunk)"
         else:
             fix = f"fewer rows per chip (now {p['rows_per_chip']:g}: set train.eval_batch_size)"

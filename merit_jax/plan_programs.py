@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -34,7 +35,7 @@ from merit_jax.models import params as P
 from merit_jax.models.inputs import batch_keys
 from merit_jax.sharding import batch_sharding
 
-PROGRAMS = ("train_step", "extract_step", "eval_step")
+PROGRAMS = ("train_step", "extract_step", "fwd_bwd_step", "eval_step")
 
 
 class PlanError(ValueError):
@@ -157,6 +158,35 @@ def extract_step(cfg, model: nnx.Module, mesh: Mesh, images):
     return ex._fn, (ex.plan, ex.selected, ex.rest, batch, valid, mode), ex
 
 
+def fwd_bwd_step(cfg, model: nnx.Module, mesh: Mesh, images):
+    """(a plain forward+backward, its abstract (selected, rest, batch)): the gradient of the mean token loss
+    of one extraction micro-chunk (the same rows per chip, sequence bucket and images) w.r.t. the parameters
+    the extraction differentiates, sharded as in training; no optimizer, no accumulation, no reduction. The
+    yardstick of the extraction step: its per-chip bytes, and its flops and roofline times the chunk count."""
+    from merit_jax import extract
+    from merit_jax.models.inputs import batch_token_ce
+
+    e = cfg.extract
+    names = extract.select_params(list(P.specs(model)), list(e.include), list(e.exclude))
+    ex = extract.TaskExtractor(model, names, extract.ExtractOptions.from_config(cfg), mesh=mesh)
+    graphdef, logits_chunk = ex.plan.graphdef, ex.options.logits_chunk
+
+    def step(selected, rest, batch):
+        def loss(sel):
+            ce = batch_token_ce(nnx.merge(graphdef, sel, rest), batch, logits_chunk)
+            mask = batch["loss_mask"].astype(jnp.float32)
+            return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return jax.value_and_grad(loss)(selected)
+
+    # the gradient leaves sharded like the parameters, as a training step's gradient (left to XLA, it came out
+    # replicated: 4x the bytes on v5p-8)
+    grads = jax.tree.map(lambda v: v.sharding, ex.selected)
+    fn = jax.jit(step, out_shardings=(NamedSharding(mesh, PartitionSpec()), grads),
+                 compiler_options=extract._xla_options(e) or None)
+    batch = batch_structs(mesh, ex.micro_chunk, extract.seq_bucket(int(cfg.data.max_len)), images)
+    return fn, (ex.selected, ex.rest, batch), ex
+
+
 # ------------------------------------------------------------------------------------------ measuring
 
 
@@ -181,7 +211,8 @@ class Program:
     error: str = ""  # the compiler's own refusal (e.g. out of HBM), when it refused
     roofline_from: str = ""  # "xla" (optimal_seconds) | "flops/bytes" (where XLA gives none)
     kernel_flops: float = 0.0  # per chip, in Pallas kernels (splash attention), counted at peak in roofline_s
-    cost_compile_s: float = 0.0  # the second compile without XLA's own loops, when there was one (NO_XLA_LOOPS)
+    cost_compile_s: float = 0.0  # the second compile for the cost, when there was one (NO_XLA_LOOPS, NO_SPARSECORE_SCATTER)
+    uncosted_ops: int = 0  # instructions XLA's cost model could not cost (see uncosted_ops)
 
 
 def dot_flops(jaxpr, loops: bool = True) -> float:
@@ -209,6 +240,20 @@ def dot_flops(jaxpr, loops: bool = True) -> float:
     return total
 
 
+# XLA's TPU compiler writes its cost model's estimate of every scheduled instruction into the optimized HLO
+# (backend_config "estimated_cycles"); one it cannot cost (a scatter offloaded to the v5p's SparseCores) gets
+# INT64_MAX, and the program's optimal_seconds then is a negative sentinel, or, with few of them, too small.
+_UNCOSTED = re.compile(r'"estimated_cycles":"%d"' % (2 ** 63 - 1))
+
+NO_SPARSECORE_SCATTER = {"xla_tpu_enable_offloading_scatter_to_sparsecore": False}
+
+
+def uncosted_ops(hlo_text: str) -> int:
+    """How many instructions of an optimized TPU HLO module (compiled.as_text()) XLA's cost model left
+    uncosted."""
+    return len(_UNCOSTED.findall(hlo_text))
+
+
 _SIZE = re.compile(r"([\d.]+)([KMGT])")  # "50.14G" in the TPU compiler's out-of-memory messages
 
 
@@ -233,10 +278,12 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
             kernel_flops: float = 0.0) -> Program:
     """Traces, lowers and compiles `fn(*args)` under `mesh` and reads XLA's memory and cost analyses.
 
-    The roofline time is XLA's `optimal_seconds` with the program's own loops counted (loop_factor); where
+    The roofline time is XLA's `optimal_seconds` with the program's own loops counted (loop_factor: right
+    where a loop's body and what runs outside the loops cost about the same time per matmul flop); where
     XLA added loops (its flops fall short of the program's matmuls) it comes from a compile without them
-    (NO_XLA_LOOPS); where the cost model gives none (a negative sentinel for some programs, e.g. the tiny
-    extraction step), max(flops / peak, bytes accessed / HBM bandwidth). `kernel_flops` (global) are done by
+    (NO_XLA_LOOPS); where the cost model could not cost some instruction (uncosted_ops: a scatter offloaded
+    to the v5p's SparseCores), from a compile with the scatters on the TensorCores (NO_SPARSECORE_SCATTER);
+    where it still gives none, max(flops / peak, bytes accessed / HBM bandwidth), marked "flops/bytes". `kernel_flops` (global) are done by
     Pallas kernels, which XLA's cost model does not see (splash attention): they are added to the flops, and
     to the roofline time at the chips' peak."""
     start = time.perf_counter()
@@ -254,17 +301,24 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
             return Program(*refused, False, 0.0, None, tokens, model_flops, None, time.perf_counter() - start,
                            factor, rows_per_chip, error=str(e).splitlines()[0])
         compile_s = time.perf_counter() - start
-        cost = _cost(compiled)
-        cost_compile_s = 0.0
-        if peak_flops and cost.get("flops", 0.0) < 0.95 * once / chips:
+        costed, cost_compile_s = compiled, 0.0
+        if peak_flops and _cost(compiled).get("flops", 0.0) < 0.95 * once / chips:
             tick = time.perf_counter()
-            cost = _cost(lowered.compile(compiler_options=NO_XLA_LOOPS))
+            costed = lowered.compile(compiler_options=NO_XLA_LOOPS)
             cost_compile_s = time.perf_counter() - tick
+        uncosted = uncosted_ops(costed.as_text()) if peak_flops else 0
+        if uncosted:  # the cost of the same program with its scatters on the TensorCores, which the model costs
+            tick = time.perf_counter()
+            options = NO_SPARSECORE_SCATTER | (NO_XLA_LOOPS if cost_compile_s else {})
+            costed = lowered.compile(compiler_options=options)
+            cost_compile_s += time.perf_counter() - tick
+            uncosted = uncosted_ops(costed.as_text())
+    cost = _cost(costed)
     mem = compiled.memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
     optimal = cost.get("optimal_seconds")
-    if optimal and optimal > 0:
+    if optimal and optimal > 0 and not uncosted:
         roofline, source = float(optimal) * factor, "xla"
     elif peak_flops and hbm_bytes_per_s:
         roofline = factor * max(cost.get("flops", 0.0) / peak_flops, cost.get("bytes accessed", 0.0) / hbm_bytes_per_s)
@@ -278,7 +332,8 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
     return Program(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes),
                    int(mem.temp_size_in_bytes), int(total), None if hbm_bytes is None else total <= hbm_bytes,
                    float(cost.get("flops", 0.0)) * factor + kernel, roofline, tokens, model_flops, mfu, compile_s,
-                   factor, rows_per_chip, roofline_from=source, kernel_flops=kernel, cost_compile_s=cost_compile_s)
+                   factor, rows_per_chip, roofline_from=source, kernel_flops=kernel, cost_compile_s=cost_compile_s,
+                   uncosted_ops=uncosted)
 
 
 def _cost(compiled) -> dict:
