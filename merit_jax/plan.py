@@ -107,7 +107,8 @@ def versus(program: dict, base: dict) -> dict:
         return None if a is None or not b else a / (times * b)
 
     return {"chunks": chunks, "total_bytes": ratio("total_bytes", 1), "flops": ratio("flops", chunks),
-            "roofline_s": ratio("roofline_s", chunks), "compile_s": ratio("compile_s", 1)}
+            "roofline_s": ratio("roofline_s", chunks), "compile_s": ratio("compile_s", 1),
+            "compile_cpu_s": ratio("compile_cpu_s", 1)}
 
 
 def compile_program(name: str, cfg, s, model, mesh, topo: hardware.Topology, num_tasks: int) -> dict:
@@ -291,21 +292,22 @@ def format_plan(record: dict, config_name: str = "") -> str:
             + (f", {_gib(hbm)} GiB HBM, {record['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip" if hbm
                else "") + f"); mesh {record['mesh']}; {_count(record['params'])} parameters")
     cols = ("program", "rows/chip", "args GiB", "out GiB", "temp GiB", "total GiB", "fits", "TFLOP/chip",
-            "roofline s", "tokens/step", "MFU bound", "compile s")
+            "roofline s", "tokens/step", "MFU bound", "compile s", "compile CPU s")
     rows = []
     for name, p in record["programs"].items():
         fits = "-" if p["fits"] is None else "yes" if p["fits"] else "NO"
         rows.append((name, f"{p['rows_per_chip']:g}", _gib(p["argument_bytes"]), _gib(p["output_bytes"]),
                      _gib(p["temp_bytes"]), _gib(p["total_bytes"]), fits, f"{p['flops'] / 1e12:.2f}",
                      "-" if p["roofline_s"] is None else f"{p['roofline_s']:.4g}", str(p["tokens"]),
-                     "-" if p["mfu_bound"] is None else f"{p['mfu_bound']:.2f}", f"{p['compile_s']:.1f}"))
+                     "-" if p["mfu_bound"] is None else f"{p['mfu_bound']:.2f}", f"{p['compile_s']:.1f}",
+                     f"{p.get('compile_cpu_s', 0.0):.1f}"))
     lines = [head, "", _table(cols, rows), ""]
     vs = record["programs"].get("extract_step", {}).get("vs_fwd_bwd")
     if vs:
         fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"
         lines += [f"extract_step against fwd_bwd_step x {vs['chunks']:g} (the same tokens): bytes/chip "
                   f"{fmt(vs['total_bytes'])}, flops {fmt(vs['flops'])}, roofline {fmt(vs['roofline_s'])}; compile "
-                  f"{fmt(vs['compile_s'])}", ""]
+                  f"{fmt(vs['compile_s'])} (CPU time {fmt(vs['compile_cpu_s'])})", ""]
     run = record["run"]
     src = ("the data" if run["source"] == "data" else "--tokens / --tasks") + (
         ", groups assumed equal" if run["groups_assumed_equal"] else ", groups from split/partition.json")

@@ -205,7 +205,7 @@ class Program:
     tokens: int  # per step, global
     model_flops: float  # per step, global: 6 N T (+ attention) for training, 2 N T to evaluate
     mfu_bound: float | None  # model_flops / (roofline_s * chips * peak bf16 flops per chip)
-    compile_s: float  # trace + lower + compile on this machine
+    compile_s: float  # trace + lower + compile on this machine (wall clock)
     loop_factor: float  # matmul flops with loop trip counts / with each loop body once
     rows_per_chip: float  # rows each chip processes at once (micro-batch, micro-chunk)
     error: str = ""  # the compiler's own refusal (e.g. out of HBM), when it refused
@@ -213,6 +213,7 @@ class Program:
     kernel_flops: float = 0.0  # per chip, in Pallas kernels (splash attention), counted at peak in roofline_s
     cost_compile_s: float = 0.0  # the second compile for the cost, when there was one (NO_XLA_LOOPS, NO_SPARSECORE_SCATTER)
     uncosted_ops: int = 0  # instructions XLA's cost model could not cost (see uncosted_ops)
+    compile_cpu_s: float = 0.0  # CPU seconds of this process (all threads) over compile_s: steadier under load
 
 
 def dot_flops(jaxpr, loops: bool = True) -> float:
@@ -286,7 +287,7 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
     where it still gives none, max(flops / peak, bytes accessed / HBM bandwidth), marked "flops/bytes". `kernel_flops` (global) are done by
     Pallas kernels, which XLA's cost model does not see (splash attention): they are added to the flops, and
     to the roofline time at the chips' peak."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     # Traced under the mesh's abstract form: the shardings are the run's, but nothing is placed on the devices
     # while tracing (a compile-only TPU device holds no constant, e.g. splash attention's mask tables).
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -300,7 +301,7 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
             refused = _refusal(e, args)
             return Program(*refused, False, 0.0, None, tokens, model_flops, None, time.perf_counter() - start,
                            factor, rows_per_chip, error=str(e).splitlines()[0])
-        compile_s = time.perf_counter() - start
+        compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         costed, cost_compile_s = compiled, 0.0
         if peak_flops and _cost(compiled).get("flops", 0.0) < 0.95 * once / chips:
             tick = time.perf_counter()
@@ -333,7 +334,7 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
                    int(mem.temp_size_in_bytes), int(total), None if hbm_bytes is None else total <= hbm_bytes,
                    float(cost.get("flops", 0.0)) * factor + kernel, roofline, tokens, model_flops, mfu, compile_s,
                    factor, rows_per_chip, roofline_from=source, kernel_flops=kernel, cost_compile_s=cost_compile_s,
-                   uncosted_ops=uncosted)
+                   uncosted_ops=uncosted, compile_cpu_s=compile_cpu_s)
 
 
 def _cost(compiled) -> dict:
