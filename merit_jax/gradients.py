@@ -171,11 +171,31 @@ class _Plan:
     mesh: jax.sharding.Mesh | None
     batch_axes: tuple[str, ...]
     grad_specs: tuple[PartitionSpec, ...] | None  # per selected tensor, in layout order
+    param_specs: tuple[PartitionSpec, ...] | None  # the parameters' own (like_params), in layout order
     logits_chunk: int = 0  # positions per logits chunk in each example's loss
     batched: bool = False  # one gradient of the weighted loss per chunk (ExtractOptions.batched)
+    sketch_method: str = "scatter"  # how the sketch sums its buckets (sketch_method_for)
 
     def reduce(self, flat, reduction):
-        return sk.reduce_flat(flat, self.layout, reduction, d=self.dim, s=self.stride, seed=self.seed)
+        return sk.reduce_flat(flat, self.layout, reduction, d=self.dim, s=self.stride, seed=self.seed,
+                              method=self.sketch_method)
+
+    def like_params(self, flat):
+        """`flat` (parameter-shaped) constrained to the parameters' sharding. Left to XLA, the accumulator
+        came out replicated: every chip held all P float32 coordinates (11 GB at Qwen2.5-3B), each chunk's
+        gradient was all-reduced instead of reduce-scattered, and the reduction ran whole on every chip."""
+        if self.param_specs is None:
+            return flat
+        return {k: jax.lax.with_sharding_constraint(flat[k], NamedSharding(self.mesh, spec))
+                for k, spec in zip(self.layout.names, self.param_specs)}
+
+
+def sketch_method_for(mesh, dim: int) -> str:
+    """`matmul` on TPUs (a scatter there sorts its P elements first: ~2.4 s per task at Qwen2.5-3B on v5p-8 in
+    XLA's cost model, against 0.1 s on the matrix units; docs/EXTRACT.md), `scatter` elsewhere: on CPU it is
+    the reference (bit for bit what it always gave), on GPUs an atomic add."""
+    on_tpu = mesh is not None and mesh.devices.flat[0].platform == "tpu"
+    return "matmul" if on_tpu and dim % sk.MATMUL_LANES == 0 else "scatter"
 
 
 def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
@@ -203,7 +223,7 @@ def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
         tokens_c = jnp.sum(chunk["loss_mask"].astype(jnp.float32), axis=1)
         w_c = _weights(mode, valid_c, jnp.ones_like(valid_c), tokens_c)  # mode is mean or tokens here
         losses_c, grad = _weighted_grad(plan.graphdef, selected, rest, chunk, w_c, plan.logits_chunk)
-        acc = {k: acc[k] + grad[k].astype(jnp.float32) for k in plan.layout.names}
+        acc = plan.like_params({k: acc[k] + grad[k].astype(jnp.float32) for k in plan.layout.names})
         ys = {"loss": losses_c, "norm": jnp.full_like(losses_c, jnp.nan), "tokens": tokens_c}
         return (acc, wsum + jnp.sum(w_c)), ys
 
@@ -223,13 +243,14 @@ def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
         norms_c = jnp.sqrt(sq_c)
         tokens_c = jnp.sum(chunk["loss_mask"].astype(jnp.float32), axis=1)
         w_c = _weights(mode, valid_c, norms_c, tokens_c)
-        acc = {k: acc[k] + jnp.matmul(w_c, r, precision=_HIGHEST).reshape(acc[k].shape) for k, r in rows.items()}
+        acc = plan.like_params({k: acc[k] + jnp.matmul(w_c, r, precision=_HIGHEST).reshape(acc[k].shape)
+                                for k, r in rows.items()})
         ys = {"loss": losses_c, "norm": norms_c, "tokens": tokens_c}
         if plan.example_reduction is not None:
             ys["sketch"] = jax.vmap(lambda f: plan.reduce(f, plan.example_reduction))(grads)
         return (acc, wsum + jnp.sum(w_c)), ys
 
-    acc0 = {n: jnp.zeros(s, jnp.float32) for n, s in zip(plan.layout.names, plan.layout.shapes)}
+    acc0 = plan.like_params({n: jnp.zeros(s, jnp.float32) for n, s in zip(plan.layout.names, plan.layout.shapes)})
     (acc, wsum), ys = jax.lax.scan(body, (acc0, jnp.zeros((), jnp.float32)), (batch_ncs, valid_nc))
     mean = {k: v / wsum for k, v in acc.items()}
     vector = mean if plan.reduction == "full" else plan.reduce(mean, plan.reduction)
@@ -270,8 +291,13 @@ class TaskExtractor:
         self.plan = _Plan(graphdef, self.layout, options.reduction,
                           options.example_reduction if options.keep_example_sketches else None,
                           options.dim, options.stride, options.seed, mesh, batch_axes,
-                          self._grad_specs(model) if mesh is not None else None, options.logits_chunk,
-                          options.batched)
+                          self._grad_specs(model) if mesh is not None else None,
+                          self._param_specs(model) if mesh is not None else None, options.logits_chunk,
+                          options.batched, sketch_method_for(mesh, options.dim))
+
+    def _param_specs(self, model) -> tuple[PartitionSpec, ...]:
+        shardings = P.shardings(model, self.mesh)
+        return tuple(shardings[name].spec for name in self.layout.names)
 
     def _grad_specs(self, model) -> tuple[PartitionSpec, ...]:
         """Per-example gradient [C, ...]: examples over the batch axes, parameter dims over tp only (the

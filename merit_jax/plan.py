@@ -1,10 +1,11 @@
 """Planning before hardware: the programs a config runs, compiled for a TPU topology on this machine.
 
     python -m merit_jax.plan --config CONFIG --topology NAME [--config.KEY=VALUE ...] [--json FILE]
-        [--tokens N --tasks T] [--workdir DIR] [--programs train_step,extract_step,eval_step]
+        [--tokens N --tasks T] [--workdir DIR] [--programs train_step,extract_step,fwd_bwd_step,eval_step]
 
 Compiles, without weights and without the hardware (XLA's deviceless compilation through libtpu), the branch
-train step, the extraction step and the held-out eval step of the config on the named topology (Cloud TPU's
+train step, the extraction step (and one plain forward+backward of its micro-chunk, its yardstick) and the
+held-out eval step of the config on the named topology (Cloud TPU's
 names: v5p-8, v5e-16, v4-8, ...; `cpu` compiles for this machine's CPU devices) with the config's mesh and
 shardings, and prints per program the bytes per chip against the chip's HBM, flops, XLA's roofline time, the
 roofline MFU bound and the compile time; then the whole run projected from the mixture's token counts (or
@@ -29,8 +30,8 @@ if __name__ == "__main__":  # planning needs none of this machine's accelerators
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from merit_jax.config import data_settings
 from merit_jax import hardware  # noqa: E402
+from merit_jax.config import Settings, settings  # noqa: E402
 from merit_jax.plan_programs import PROGRAMS, PlanError  # noqa: E402
 
 log = logging.getLogger("merit_jax")
@@ -50,22 +51,20 @@ _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile."
 # ------------------------------------------------------------------------------------------ the plan
 
 
-def hf_config_of(cfg) -> dict:
+def hf_config_of(st: Settings) -> dict:
     """The model's HF config: model.hf_path/config.json (weights are never read), or the random tiny model."""
-    if cfg.model.hf_path:
+    if st.model.hf_path:
         from merit_jax.io.load import read_config
-        return read_config(cfg.model.hf_path)
-    from merit_jax.config import model_settings
+        return read_config(st.model.hf_path)
     from merit_jax.data.mixture import load_tokenizer
     from merit_jax.training.tiny import tiny_config
-    return tiny_config(model_settings(cfg), load_tokenizer(data_settings(cfg)))
+    return tiny_config(st.model, load_tokenizer(st.data))
 
 
 def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks: int | None = None,
          workdir=None) -> dict:
     """The plan of `cfg` on `topology` as the --json record (see module docstring); raises PlanError."""
     from merit_jax import plan_programs as pp
-    from merit_jax.config import train_settings
     from merit_jax.models import attention
     from merit_jax.sharding import make_mesh
 
@@ -74,54 +73,76 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
         raise PlanError(f"--programs: unknown {unknown}; expected some of {', '.join(PROGRAMS)}")
     topo = hardware.topology(topology)
     devices = hardware.devices(topo)
-    s = train_settings(cfg)
+    st = settings(cfg)
+    s = st.train
     try:
-        mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tp), devices=devices)
+        mesh = make_mesh(int(st.mesh.data), int(st.mesh.fsdp), int(st.mesh.tp), devices=devices)
         s.validate(mesh)
     except ValueError as e:
         raise PlanError(f"{topo.name} ({topo.chips} chips): {e}") from None
-    size = run_size(cfg, tokens, tasks, workdir)
-    model = pp.abstract_model(hf_config_of(cfg), s, mesh, f"{cfg.model.hf_path or 'model.tiny'}/config.json")
+    size = run_size(st, tokens, tasks, workdir)
+    model = pp.abstract_model(hf_config_of(st), s, mesh, f"{st.model.hf_path or 'model.tiny'}/config.json")
     interpret = attention.INTERPRET
     attention.INTERPRET = None if not topo.is_tpu else False  # splash: the real kernel for a TPU, not interpreted
     try:
-        out = {name: compile_program(name, cfg, s, model, mesh, topo, size["tasks"]) for name in programs}
+        out = {name: compile_program(name, st, model, mesh, topo, size["tasks"]) for name in programs}
     finally:
         attention.INTERPRET = interpret
     record = {"topology": topo.name, "chips": topo.chips, "hbm_bytes_per_chip": topo.chip and topo.chip.hbm_bytes,
               "peak_flops_per_chip": topo.chip and topo.chip.peak_bf16_flops, "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "params": int(sum(math.prod(v[0]) for v in _specs(model).values())),
               "programs": out}
-    record["run"] = project(cfg, s, size, out, record["params"])
+    if "extract_step" in out and "fwd_bwd_step" in out:
+        out["extract_step"]["vs_fwd_bwd"] = versus(out["extract_step"], out["fwd_bwd_step"])
+    record["run"] = project(st, size, out, record["params"])
     return record
 
 
-def compile_program(name: str, cfg, s, model, mesh, topo: hardware.Topology, num_tasks: int) -> dict:
+def versus(program: dict, base: dict) -> dict:
+    """`program` (e.g. the extraction step: one task) against `base` (one forward+backward of a micro-chunk)
+    run `chunks` times over the same tokens: ratios of per-chip bytes, flops and roofline time."""
+    chunks = program["tokens"] / base["tokens"]
+
+    def ratio(key, times):
+        a, b = program.get(key), base.get(key)
+        return None if a is None or not b else a / (times * b)
+
+    return {"chunks": chunks, "total_bytes": ratio("total_bytes", 1), "flops": ratio("flops", chunks),
+            "roofline_s": ratio("roofline_s", chunks), "compile_s": ratio("compile_s", 1),
+            "compile_cpu_s": ratio("compile_cpu_s", 1)}
+
+
+def compile_program(name: str, st: Settings, model, mesh, topo: hardware.Topology, num_tasks: int) -> dict:
     """One program's numbers (plan_programs.Program as a dict, + images_per_row for Qwen2.5-VL)."""
     from merit_jax import plan_programs as pp
     from merit_jax.models.attention import supported
 
     log.info("plan: compiling %s for %s", name, topo.name)
+    s = st.train
     vl = getattr(model, "vl_config", None)
     counts = pp.flop_model(model, s)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if name == "train_step":
-        images = pp.image_budget(cfg, vl, s.seq_len) if vl else None
+        images = pp.image_budget(st.data, vl, s.seq_len) if vl else None
         fn, args = pp.train_step(model, s, mesh, images)
         rows, seq, per_chip = s.batch_size, s.seq_len, s.batch_size / s.grad_accum / dp
         flops = pp.model_flops(counts, "train", rows, seq, images, vl, counts["vision_trained"])
     elif name == "eval_step":
-        images = pp.image_budget(cfg, vl, s.seq_len, 1) if vl else None
+        images = pp.image_budget(st.data, vl, s.seq_len, 1) if vl else None
         fn, args = pp.eval_step(model, s, mesh, images, num_tasks)
         rows, seq = s.eval_batch_size or s.batch_size, s.seq_len
         per_chip = rows / dp
         flops = pp.model_flops(counts, "eval", rows, seq, images, vl)
-    else:
+    else:  # extract_step (one task) or fwd_bwd_step (one of its micro-chunks)
         from merit_jax.gradients import seq_bucket
-        seq = seq_bucket(int(cfg.data.max_len))
-        images = pp.image_budget(cfg, vl, seq, 1) if vl else None
-        fn, args, ex = pp.extract_step(cfg, model, mesh, images)
-        chunks = args[3]["input_ids"].shape[0]
+        seq = seq_bucket(int(st.data.max_len))
+        images = pp.image_budget(st.data, vl, seq, 1) if vl else None
+        if name == "extract_step":
+            fn, args, ex = pp.extract_step(st.extract, st.data.max_len, model, mesh, images)
+            chunks = args[3]["input_ids"].shape[0]
+        else:
+            fn, args, ex = pp.fwd_bwd_step(st.extract, st.data.max_len, model, mesh, images)
+            chunks = 1
         rows, per_chip = chunks * ex.micro_chunk, ex.micro_chunk / math.prod(mesh.shape[a] for a in ex.batch_axes)
         visual = any(n.startswith("visual/") for n in ex.layout.names)
         flops = pp.model_flops(counts, "extract", rows, seq, images, vl, visual)
@@ -144,17 +165,16 @@ def _specs(model):
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_size(cfg, tokens: int | None, tasks: int | None, workdir=None) -> dict:
+def run_size(st: Settings, tokens: int | None, tasks: int | None, workdir=None) -> dict:
     """Tasks, groups and per-group training steps: from tokens / tasks when given (--tokens / --tasks), else
     from the data (the project's own packing plan) when it is at hand, else from the config's plan.tokens /
     plan.tasks."""
-    from merit_jax.config import num_groups, train_settings
 
-    s = train_settings(cfg)
-    k = num_groups(cfg)
-    if tokens is None and tasks is None and _data_at_hand(cfg):
-        return _size_from_data(cfg, s, k, workdir)
-    defaults = cfg.get("plan", {})
+    s = st.train
+    k = st.split.num_groups
+    if tokens is None and tasks is None and _data_at_hand(st):
+        return _size_from_data(st, s, k, workdir)
+    defaults = st.plan
     tokens = tokens if tokens is not None else int(defaults.get("tokens", 0)) or None
     tasks = tasks if tasks is not None else int(defaults.get("tasks", 0)) or None
     if tokens is None or tasks is None:
@@ -162,31 +182,31 @@ def run_size(cfg, tokens: int | None, tasks: int | None, workdir=None) -> dict:
                         "mixture, one epoch) and --tasks T (or set plan.tokens / plan.tasks in the config)")
     per_row = s.batch_size * s.seq_len
     joint = math.ceil(tokens * s.epochs / per_row)
-    heldout = int(cfg.data.heldout_max)
+    heldout = int(st.data.heldout_max)
     groups = [{"tasks": tasks / k, "steps": math.ceil(joint / k), "heldout": math.ceil(tasks / k) * heldout}
               for _ in range(k)]
     return {"source": "flags", "tasks": int(tasks), "tokens": int(tokens), "joint_steps": joint,
             "heldout": tasks * heldout, "groups": groups, "balanced": True}
 
 
-def _data_at_hand(cfg) -> bool:
+def _data_at_hand(st: Settings) -> bool:
     """data.tasks, an existing data.path, or the synthetic mixture of a random tiny model."""
-    if list(cfg.data.get("tasks", ()) or ()):
+    if st.data.tasks:
         return True
-    return pathlib.Path(cfg.data.path).exists() if cfg.data.path else not cfg.model.hf_path
+    return pathlib.Path(st.data.path).exists() if st.data.path else not st.model.hf_path
 
 
-def _size_from_data(cfg, s, k: int, workdir) -> dict:
+def _size_from_data(st: Settings, s, k: int, workdir) -> dict:
     from merit_jax import artifacts as wd
     from merit_jax.data.mixture import load_mixture, load_tokenizer
     from merit_jax.data.pipeline import num_train_steps
 
     try:
-        tokenizer = load_tokenizer(data_settings(cfg))
+        tokenizer = load_tokenizer(st.data)
     except (OSError, ValueError) as e:
         raise PlanError(f"reading the data needs the model's tokenizer (configs/arch holds none): set "
                         f"data.tokenizer, or pass --tokens / --tasks ({e})") from None
-    mixture = load_mixture(data_settings(cfg), tokenizer, None)
+    mixture = load_mixture(st.data, tokenizer, None)
     kw = dict(seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed, num_epochs=float(s.epochs))
     joint = num_train_steps(mixture.train_examples(), **kw)
     names = mixture.names
@@ -207,7 +227,7 @@ def _size_from_data(cfg, s, k: int, workdir) -> dict:
             "heldout": sum(len(t.heldout) for t in mixture.tasks.values()), "groups": groups, "balanced": balanced}
 
 
-def project(cfg, s, size: dict, programs: dict, params: int) -> dict:
+def project(st: Settings, size: dict, programs: dict, params: int) -> dict:
     """Seconds of each stage at the programs' roofline times (None where a program was not compiled or has
     no roofline): extraction, basin, every branch (training + its held-out evals), merge I/O, joint training."""
     def seconds(name, n):
@@ -217,25 +237,28 @@ def project(cfg, s, size: dict, programs: dict, params: int) -> dict:
     def add(*xs):
         return None if any(x is None for x in xs) else sum(xs)
 
+    s = st.train
+
     eval_rows = s.eval_batch_size or s.batch_size
 
     def training(steps, heldout):
         evals = 2 + ((steps - 1) // s.eval_every if s.eval_every else 0)
         eval_steps = evals * math.ceil(heldout / eval_rows)
-        return {"steps": steps, "eval_steps": eval_steps,
-                "seconds": add(seconds("train_step", steps), seconds("eval_step", eval_steps))}
+        train_s = seconds("train_step", steps)
+        return {"steps": steps, "eval_steps": eval_steps, "train_seconds": train_s,
+                "seconds": add(train_s, seconds("eval_step", eval_steps))}
 
     out = {"source": size["source"], "tasks": size["tasks"], "tokens": size["tokens"],
            "groups_assumed_equal": size["balanced"]}
     out["extract"] = {"tasks": size["tasks"], "steps": size["tasks"],
                       "seconds": seconds("extract_step", size["tasks"])}
-    if cfg.basin.get("enabled", False):
-        out["basin"] = training(int(cfg.basin.steps), size["heldout"])
+    if st.basin.enabled:
+        out["basin"] = training(int(st.basin.steps), size["heldout"])
     out["branches"] = [{"branch": i, "tasks": g["tasks"], **training(g["steps"], g["heldout"])}
                        for i, g in enumerate(size["groups"])]
     param_bytes = params * DTYPE_BYTES[s.param_dtype]
-    merged_bytes = params * DTYPE_BYTES[cfg.merge.get("dtype", "") or s.param_dtype]
-    read, write = len(size["groups"]) * param_bytes, merged_bytes + params * DTYPE_BYTES[cfg.export.dtype]
+    merged_bytes = params * DTYPE_BYTES[st.merge.dtype or s.param_dtype]
+    read, write = len(size["groups"]) * param_bytes, merged_bytes + params * DTYPE_BYTES[st.export.dtype]
     out["merge"] = {"read_bytes": read, "write_bytes": write, "seconds": (read + write) / DISK_BYTES_PER_S}
     before = add(out["extract"]["seconds"], out.get("basin", {}).get("seconds", 0.0), out["merge"]["seconds"])
     branch_s = [b["seconds"] for b in out["branches"]]
@@ -271,15 +294,22 @@ def format_plan(record: dict, config_name: str = "") -> str:
             + (f", {_gib(hbm)} GiB HBM, {record['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip" if hbm
                else "") + f"); mesh {record['mesh']}; {_count(record['params'])} parameters")
     cols = ("program", "rows/chip", "args GiB", "out GiB", "temp GiB", "total GiB", "fits", "TFLOP/chip",
-            "roofline s", "tokens/step", "MFU bound", "compile s")
+            "roofline s", "tokens/step", "MFU bound", "compile s", "compile CPU s")
     rows = []
     for name, p in record["programs"].items():
         fits = "-" if p["fits"] is None else "yes" if p["fits"] else "NO"
         rows.append((name, f"{p['rows_per_chip']:g}", _gib(p["argument_bytes"]), _gib(p["output_bytes"]),
                      _gib(p["temp_bytes"]), _gib(p["total_bytes"]), fits, f"{p['flops'] / 1e12:.2f}",
                      "-" if p["roofline_s"] is None else f"{p['roofline_s']:.4g}", str(p["tokens"]),
-                     "-" if p["mfu_bound"] is None else f"{p['mfu_bound']:.2f}", f"{p['compile_s']:.1f}"))
+                     "-" if p["mfu_bound"] is None else f"{p['mfu_bound']:.2f}", f"{p['compile_s']:.1f}",
+                     f"{p.get('compile_cpu_s', 0.0):.1f}"))
     lines = [head, "", _table(cols, rows), ""]
+    vs = record["programs"].get("extract_step", {}).get("vs_fwd_bwd")
+    if vs:
+        fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"
+        lines += [f"extract_step against fwd_bwd_step x {vs['chunks']:g} (the same tokens): bytes/chip "
+                  f"{fmt(vs['total_bytes'])}, flops {fmt(vs['flops'])}, roofline {fmt(vs['roofline_s'])}; compile "
+                  f"{fmt(vs['compile_s'])} (CPU time {fmt(vs['compile_cpu_s'])})", ""]
     run = record["run"]
     src = ("the data" if run["source"] == "data" else "--tokens / --tasks") + (
         ", groups assumed equal" if run["groups_assumed_equal"] else ", groups from split/partition.json")
@@ -309,7 +339,7 @@ def _table(cols, rows) -> str:
     return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
-def refusals(record: dict, cfg) -> list[str]:
+def refusals(record: dict, st: Settings) -> list[str]:
     """One message per program that does not fit the chip's HBM, naming its bytes and what to change."""
     out = []
     hbm, topo = record["hbm_bytes_per_chip"], record["topology"]
@@ -320,14 +350,14 @@ def refusals(record: dict, cfg) -> list[str]:
         parts = (f"arguments {_gib(p['argument_bytes'])}, temporaries {_gib(p['temp_bytes'])} GiB" if not p["error"]
                  else f"the compiler: {p['error']}")
         if name == "train_step":
-            fix = (f"fewer rows per chip (now {p['rows_per_chip']:g}: train.batch_size={cfg.train.batch_size} over "
-                   f"mesh.data*mesh.fsdp={dp} chips and train.grad_accum={cfg.train.get('grad_accum', 1)}; raise "
+            fix = (f"fewer rows per chip (now {p['rows_per_chip']:g}: train.batch_size={st.train.batch_size} over "
+                   f"mesh.data*mesh.fsdp={dp} chips and train.grad_accum={st.train.grad_accum}; raise "
                    "train.grad_accum)")
-        elif name == "extract_step":
+        elif name in ("extract_step", "fwd_bwd_step"):
             fix = f"fewer examples per chip (now {p['rows_per_chip']:g}: lower extract.micro_chunk)"
         else:
             fix = f"fewer rows per chip (now {p['rows_per_chip']:g}: set train.eval_batch_size)"
-        remat = "" if cfg.model.remat == "full" else f", model.remat=full (now {cfg.model.remat})"
+        remat = "" if st.model.remat == "full" else f", model.remat=full (now {st.model.remat})"
         out.append(f"{name} does not fit {topo}: {_gib(p['total_bytes'])} GiB per chip ({parts}) > "
                    f"{_gib(hbm)} GiB HBM. Change: {fix}{remat}, or more chips (a larger --topology; "
                    "mesh.tp > 1 splits long sequences' activations)")
@@ -354,7 +384,7 @@ def main(argv) -> int:
     if _JSON.value:
         pathlib.Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(_JSON.value).write_text(json.dumps(record, indent=1) + "\n")
-    problems = refusals(record, cfg)
+    problems = refusals(record, settings(cfg))
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
     return 2 if problems else 0

@@ -25,18 +25,19 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from merit_jax.config import TrainSettings, data_settings
+from merit_jax.config import DataSettings, ExtractSettings, TrainSettings
 from merit_jax.models import params as P
 from merit_jax.models.inputs import batch_keys
 from merit_jax.sharding import batch_sharding
 from merit_jax.training.heldout import jit_eval_step
 from merit_jax.training.step import SplitModel, build_step_functions
 
-PROGRAMS = ("train_step", "extract_step", "eval_step")
+PROGRAMS = ("train_step", "extract_step", "fwd_bwd_step", "eval_step")
 
 
 class PlanError(ValueError):
@@ -78,7 +79,7 @@ def _struct(shape, dtype, mesh: Mesh, lead: tuple = ()) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, spec))
 
 
-def image_budget(cfg, vl_config, seq_len: int, images_per_row: int | None = None) -> dict[str, Any]:
+def image_budget(data: DataSettings, vl_config, seq_len: int, images_per_row: int | None = None) -> dict[str, Any]:
     """The per-row image arrays of rows filled with the config's largest images (data.image_max_pixels):
     `images_per_row` of them, or as many as fit seq_len tokens, sized by the project's own layout code (the
     largest arrays a run of this config can meet: a row holds at most 4 x seq_len patches).
@@ -87,19 +88,19 @@ def image_budget(cfg, vl_config, seq_len: int, images_per_row: int | None = None
     from merit_jax.models.inputs import layout_keys
     from merit_jax.models.vision_layout import layout_sizes, stacked_layouts
 
-    vcfg = vl_config.vision
-    processor = processor_for(data_settings(cfg))
+    vision = vl_config.vision
+    processor = processor_for(data)
     side = math.isqrt(int(processor.size["longest_edge"]))
     grid = image_grid(processor, side, side)
-    tokens = grid[0] * grid[1] * grid[2] // vcfg.merge_unit
+    tokens = grid[0] * grid[1] * grid[2] // vision.merge_unit
     n = images_per_row or seq_len // tokens
     if n < 1:
         raise PlanError(f"an image of the largest size data.image_max_pixels allows ({side}x{side} px) takes {tokens} "
                         f"tokens, more than a row of {seq_len}: lower data.image_max_pixels")
     grids = np.array([grid] * n, np.int64)
-    sizes = layout_sizes([grids], vcfg)
-    arrays = {k: (v.shape[1:], v.dtype) for k, v in layout_keys(stacked_layouts([grids], vcfg, sizes)).items()}
-    arrays["pixel_values"] = ((sizes.num_patches, vcfg.patch_dim), np.float32)
+    sizes = layout_sizes([grids], vision)
+    arrays = {k: (v.shape[1:], v.dtype) for k, v in layout_keys(stacked_layouts([grids], vision, sizes)).items()}
+    arrays["pixel_values"] = ((sizes.num_patches, vision.patch_dim), np.float32)
     arrays["mrope_positions"] = ((3, seq_len), np.int32)
     return {"arrays": arrays, "grid": tuple(int(g) for g in grid), "images": n, "tokens_per_image": int(tokens)}
 
@@ -142,22 +143,47 @@ def eval_step(model: nnx.Module, s: TrainSettings, mesh: Mesh, images, num_tasks
     return step, (params, batch)
 
 
-def extract_step(cfg, model: nnx.Module, mesh: Mesh, images):
+def extract_step(e: ExtractSettings, max_len: int, model: nnx.Module, mesh: Mesh, images):
     """(the extraction's jitted task function, its abstract arguments) for one task of extract.n_calib
     examples at the longest sequence bucket: TaskExtractor's own compiled function and plan."""
     from merit_jax import gradients as extract
-    from merit_jax.config import extract_options
-
-    e = cfg.extract
-    options = extract_options(cfg)
+    options = e.options
     names = extract.select_params(list(P.specs(model)), list(e.include), list(e.exclude))
-    ex = extract.TaskExtractor(model, names, options, mesh=mesh, compiler_options=e.get("xla_options"))
+    ex = extract.TaskExtractor(model, names, options, mesh=mesh, compiler_options=dict(e.xla_options))
     chunks = ex.chunks_for(int(e.n_calib))
-    seq = extract.seq_bucket(int(cfg.data.max_len))
+    seq = extract.seq_bucket(int(max_len))
     batch = batch_structs(mesh, ex.micro_chunk, seq, images, lead=(chunks,))
     valid = _struct((chunks, ex.micro_chunk), np.float32, mesh, (None,))
     mode = jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(mesh, PartitionSpec()))
     return ex._fn, (ex.plan, ex.selected, ex.rest, batch, valid, mode), ex
+
+
+def fwd_bwd_step(e: ExtractSettings, max_len: int, model: nnx.Module, mesh: Mesh, images):
+    """(a plain forward+backward, its abstract (selected, rest, batch)): the gradient of the mean token loss
+    of one extraction micro-chunk (the same rows per chip, sequence bucket and images) w.r.t. the parameters
+    the extraction differentiates, sharded as in training; no optimizer, no accumulation, no reduction. The
+    yardstick of the extraction step: its per-chip bytes, and its flops and roofline times the chunk count."""
+    from merit_jax import gradients as extract
+    from merit_jax.models.inputs import batch_token_ce
+
+    names = extract.select_params(list(P.specs(model)), list(e.include), list(e.exclude))
+    ex = extract.TaskExtractor(model, names, e.options, mesh=mesh)
+    graphdef, logits_chunk = ex.plan.graphdef, ex.options.logits_chunk
+
+    def step(selected, rest, batch):
+        def loss(sel):
+            ce = batch_token_ce(nnx.merge(graphdef, sel, rest), batch, logits_chunk)
+            mask = batch["loss_mask"].astype(jnp.float32)
+            return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return jax.value_and_grad(loss)(selected)
+
+    # the gradient leaves sharded like the parameters, as a training step's gradient (left to XLA, it came out
+    # replicated: 4x the bytes on v5p-8)
+    grads = jax.tree.map(lambda v: v.sharding, ex.selected)
+    fn = jax.jit(step, out_shardings=(NamedSharding(mesh, PartitionSpec()), grads),
+                 compiler_options=dict(e.xla_options) or None)
+    batch = batch_structs(mesh, ex.micro_chunk, extract.seq_bucket(int(max_len)), images)
+    return fn, (ex.selected, ex.rest, batch), ex
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -178,13 +204,15 @@ class Program:
     tokens: int  # per step, global
     model_flops: float  # per step, global: 6 N T (+ attention) for training, 2 N T to evaluate
     mfu_bound: float | None  # model_flops / (roofline_s * chips * peak bf16 flops per chip)
-    compile_s: float  # trace + lower + compile on this machine
+    compile_s: float  # trace + lower + compile on this machine (wall clock)
     loop_factor: float  # matmul flops with loop trip counts / with each loop body once
     rows_per_chip: float  # rows each chip processes at once (micro-batch, micro-chunk)
     error: str = ""  # the compiler's own refusal (e.g. out of HBM), when it refused
     roofline_from: str = ""  # "xla" (optimal_seconds) | "flops/bytes" (where XLA gives none)
     kernel_flops: float = 0.0  # per chip, in Pallas kernels (splash attention), counted at peak in roofline_s
-    cost_compile_s: float = 0.0  # the second compile without XLA's own loops, when there was one (NO_XLA_LOOPS)
+    cost_compile_s: float = 0.0  # the second compile for the cost, when there was one (NO_XLA_LOOPS, NO_SPARSECORE_SCATTER)
+    uncosted_ops: int = 0  # instructions XLA's cost model could not cost (see uncosted_ops)
+    compile_cpu_s: float = 0.0  # CPU seconds of this process (all threads) over compile_s: steadier under load
 
 
 def dot_flops(jaxpr, loops: bool = True) -> float:
@@ -212,6 +240,20 @@ def dot_flops(jaxpr, loops: bool = True) -> float:
     return total
 
 
+# XLA's TPU compiler writes its cost model's estimate of every scheduled instruction into the optimized HLO
+# (backend_config "estimated_cycles"); one it cannot cost (a scatter offloaded to the v5p's SparseCores) gets
+# INT64_MAX, and the program's optimal_seconds then is a negative sentinel, or, with few of them, too small.
+_UNCOSTED = re.compile(r'"estimated_cycles":"%d"' % (2 ** 63 - 1))
+
+NO_SPARSECORE_SCATTER = {"xla_tpu_enable_offloading_scatter_to_sparsecore": False}
+
+
+def uncosted_ops(hlo_text: str) -> int:
+    """How many instructions of an optimized TPU HLO module (compiled.as_text()) XLA's cost model left
+    uncosted."""
+    return len(_UNCOSTED.findall(hlo_text))
+
+
 _SIZE = re.compile(r"([\d.]+)([KMGT])")  # "50.14G" in the TPU compiler's out-of-memory messages
 
 
@@ -236,13 +278,15 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
             kernel_flops: float = 0.0) -> Program:
     """Traces, lowers and compiles `fn(*args)` under `mesh` and reads XLA's memory and cost analyses.
 
-    The roofline time is XLA's `optimal_seconds` with the program's own loops counted (loop_factor); where
+    The roofline time is XLA's `optimal_seconds` with the program's own loops counted (loop_factor: right
+    where a loop's body and what runs outside the loops cost about the same time per matmul flop); where
     XLA added loops (its flops fall short of the program's matmuls) it comes from a compile without them
-    (NO_XLA_LOOPS); where the cost model gives none (a negative sentinel for some programs, e.g. the tiny
-    extraction step), max(flops / peak, bytes accessed / HBM bandwidth). `kernel_flops` (global) are done by
+    (NO_XLA_LOOPS); where the cost model could not cost some instruction (uncosted_ops: a scatter offloaded
+    to the v5p's SparseCores), from a compile with the scatters on the TensorCores (NO_SPARSECORE_SCATTER);
+    where it still gives none, max(flops / peak, bytes accessed / HBM bandwidth), marked "flops/bytes". `kernel_flops` (global) are done by
     Pallas kernels, which XLA's cost model does not see (splash attention): they are added to the flops, and
     to the roofline time at the chips' peak."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     # Traced under the mesh's abstract form: the shardings are the run's, but nothing is placed on the devices
     # while tracing (a compile-only TPU device holds no constant, e.g. splash attention's mask tables).
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -256,18 +300,25 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
             refused = _refusal(e, args)
             return Program(*refused, False, 0.0, None, tokens, model_flops, None, time.perf_counter() - start,
                            factor, rows_per_chip, error=str(e).splitlines()[0])
-        compile_s = time.perf_counter() - start
-        cost = _cost(compiled)
-        cost_compile_s = 0.0
-        if peak_flops and cost.get("flops", 0.0) < 0.95 * once / chips:
+        compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        costed, cost_compile_s = compiled, 0.0
+        if peak_flops and _cost(compiled).get("flops", 0.0) < 0.95 * once / chips:
             tick = time.perf_counter()
-            cost = _cost(lowered.compile(compiler_options=NO_XLA_LOOPS))
+            costed = lowered.compile(compiler_options=NO_XLA_LOOPS)
             cost_compile_s = time.perf_counter() - tick
+        uncosted = uncosted_ops(costed.as_text()) if peak_flops else 0
+        if uncosted:  # the cost of the same program with its scatters on the TensorCores, which the model costs
+            tick = time.perf_counter()
+            options = NO_SPARSECORE_SCATTER | (NO_XLA_LOOPS if cost_compile_s else {})
+            costed = lowered.compile(compiler_options=options)
+            cost_compile_s += time.perf_counter() - tick
+            uncosted = uncosted_ops(costed.as_text())
+    cost = _cost(costed)
     mem = compiled.memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
     optimal = cost.get("optimal_seconds")
-    if optimal and optimal > 0:
+    if optimal and optimal > 0 and not uncosted:
         roofline, source = float(optimal) * factor, "xla"
     elif peak_flops and hbm_bytes_per_s:
         roofline = factor * max(cost.get("flops", 0.0) / peak_flops, cost.get("bytes accessed", 0.0) / hbm_bytes_per_s)
@@ -281,7 +332,8 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
     return Program(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes),
                    int(mem.temp_size_in_bytes), int(total), None if hbm_bytes is None else total <= hbm_bytes,
                    float(cost.get("flops", 0.0)) * factor + kernel, roofline, tokens, model_flops, mfu, compile_s,
-                   factor, rows_per_chip, roofline_from=source, kernel_flops=kernel, cost_compile_s=cost_compile_s)
+                   factor, rows_per_chip, roofline_from=source, kernel_flops=kernel, cost_compile_s=cost_compile_s,
+                   uncosted_ops=uncosted, compile_cpu_s=compile_cpu_s)
 
 
 def _cost(compiled) -> dict:

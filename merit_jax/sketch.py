@@ -161,28 +161,76 @@ def hash_buckets(shape: Sequence[int], key, d: int) -> tuple[jax.Array, jax.Arra
     return bucket, sign
 
 
-def sketch_vector(flat: Mapping[str, jax.Array], layout: Layout, d: int, seed) -> jax.Array:
+SKETCH_METHODS = ("scatter", "matmul")
+MATMUL_LANES = 128  # the matmul form splits a bucket b = 128 q + r (d must be a multiple of 128)
+
+
+def sketch_vector(flat: Mapping[str, jax.Array], layout: Layout, d: int, seed, method: str = "scatter") -> jax.Array:
     """CountSketch of the concatenation to d dims, float32 [d]: sum over coordinates i of sign(i) x_i
     added into bucket(i). E[<Sx, Sy>] = <x, y> (see the module docstring for the variance). `seed` may be
-    traced (e.g. vmapped over seeds)."""
+    traced (e.g. vmapped over seeds).
+
+    `method` says how the bucket sums are formed; both compute the same linear map from the same hash:
+    `scatter` (a scatter-add, tensor by tensor in layout order, each in row-major order: the reference) or
+    `matmul` (bucket_sums_matmul: on the matrix units, for TPUs, where a scatter is sorted first; its sums
+    are accumulated in another order, so they differ from scatter's in the last bits of float32)."""
     d = _check_dim(d)
     layout.check(flat)
+    if method not in SKETCH_METHODS:
+        raise ValueError(f"sketch method must be one of {SKETCH_METHODS}, got {method!r}")
+    if method == "matmul" and d % MATMUL_LANES:
+        raise ValueError(f"the matmul sketch needs extract.dim a multiple of {MATMUL_LANES}, got {d}")
     out = jnp.zeros((d,), jnp.float32)
     for name, shape in zip(layout.names, layout.shapes):
         bucket, sign = hash_buckets(shape, tensor_key(seed, name), d)
-        out = out.at[jnp.ravel(bucket)].add(jnp.ravel(sign * flat[name].astype(jnp.float32)))
+        values = sign * flat[name].astype(jnp.float32)
+        # the tensor's own shape, not raveled: raveling a tensor sharded along a minor axis would gather it
+        # whole onto every device; unraveled, each device sums its own shard and the [d] partials are added
+        out = out + bucket_sums_matmul(values, bucket, d) if method == "matmul" else out.at[bucket].add(values)
     return out
 
 
+def bucket_sums_matmul(values: jax.Array, bucket: jax.Array, d: int) -> jax.Array:
+    """sum_i values_i e_bucket(i), float32 [d], as matmuls: with bucket = 128 q + r, the [d / 128, 128]
+    matrix of sums is A^T B, A[i, q] = values_i [q_i = q], B[i, r] = [r_i = r], contracted over every
+    element i. B is 0/1 and each value is split exactly into three bfloat16 parts (8 + 8 + 8 mantissa bits,
+    by truncating its bits), so every product the matrix unit forms is exact and only the float32
+    accumulation rounds. O(128 d) flops per element on the matrix units, against a sort of the elements
+    for a scatter on a TPU."""
+    lanes = MATMUL_LANES
+    q, r = bucket // lanes, bucket % lanes
+    axes = tuple(range(values.ndim))
+    rows = (q[..., None] == jnp.arange(d // lanes, dtype=q.dtype)).astype(jnp.bfloat16)
+    lane = (r[..., None] == jnp.arange(lanes, dtype=r.dtype)).astype(jnp.bfloat16)
+    sums = 0.0
+    for part in _bf16_parts(values):  # one matmul each: XLA fuses the one-hot products into the dot
+        sums = sums + jax.lax.dot_general(rows * part[..., None], lane, ((axes, axes), ((), ())),
+                                          preferred_element_type=jnp.float32)
+    return sums.reshape(d)
+
+
+def _bf16_parts(x: jax.Array) -> list[jax.Array]:
+    """Three bfloat16 arrays whose float32 sum is x exactly: its top 8 mantissa bits, the next 8, the rest
+    (bit truncation, so no compiler can round or fold the split away)."""
+    def top(v):
+        return jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
+
+    hi = top(x)
+    mid = top(x - hi)
+    return [p.astype(jnp.bfloat16) for p in (hi, mid, x - hi - mid)]
+
+
 def reduce_flat(flat: Mapping[str, jax.Array], layout: Layout, reduction: str, *, d: int = 4096, s: int = 1,
-                seed: int = 0) -> jax.Array:
-    """One gradient {name: array} -> float32 [output_dim]; jax.vmap it for a batch of gradients."""
+                seed: int = 0, method: str = "scatter") -> jax.Array:
+    """One gradient {name: array} -> float32 [output_dim]; jax.vmap it for a batch of gradients. `method`:
+    the sketch's (sketch_vector)."""
     if reduction == "full":
         return full_vector(flat, layout)
     if reduction == "stride":
         return stride_vector(flat, layout, s)
     if reduction == "sketch":
-        return sketch_vector(flat, layout, d, seed)
+        return sketch_vector(flat, layout, d, seed, method)
     raise ValueError(f"extract.reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 

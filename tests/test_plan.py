@@ -68,7 +68,8 @@ def test_tiny_vl_model_plans_its_image_rows():
     from configs import tiny_vl
 
     cfg = tiny_vl.get_config()
-    for key, value in {"train.xla_options": {}, "model.compute_dtype": "bfloat16", "model.remat": "full"}.items():
+    for key, value in {"train.xla_options": {}, "model.compute_dtype": "bfloat16", "model.remat": "full",
+                       "model.scan_layers": True}.items():
         set_key(cfg, key, value)
     # remat in the vision tower too: it once failed to trace (the eval step is the text one's, with images)
     record = plan.plan(cfg, "v5e-4", programs=("train_step", "extract_step"), tokens=100_000, tasks=4)
@@ -123,8 +124,15 @@ def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
     from merit_jax.data.mixture import load_tokenizer
 
     cfg = make_config(**{**TINY12, "model.tiny.num_hidden_layers": 2, "train.xla_options": {}})
-    record = plan.plan(cfg, "cpu", programs=("train_step", "extract_step"), tokens=1, tasks=1)
+    record = plan.plan(cfg, "cpu", programs=("train_step", "extract_step", "fwd_bwd_step"), tokens=1, tasks=1)
     assert record["chips"] == len(jax.devices()) == 8 and record["programs"]["train_step"]["fits"] is None
+    # the extraction's yardstick: one forward+backward of its micro-chunk, and the ratios over the same tokens
+    fwd_bwd, extract_step = record["programs"]["fwd_bwd_step"], record["programs"]["extract_step"]
+    assert all(fwd_bwd[k] is not None for k in FIELDS if k not in ("roofline_s", "mfu_bound", "fits"))
+    assert fwd_bwd["rows_per_chip"] == extract_step["rows_per_chip"] and fwd_bwd["tokens"] == 8 * 128
+    vs = extract_step["vs_fwd_bwd"]
+    assert vs["chunks"] == 2 and vs["total_bytes"] > 1 and vs["flops"] > 1 and vs["roofline_s"] is None
+    assert "extract_step against fwd_bwd_step x 2" in plan.format_plan(record)
 
     s = config.train_settings(cfg)
     mesh = mesh_for(cfg)
