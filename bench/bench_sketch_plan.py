@@ -32,7 +32,8 @@ def measure(arch: str, topology: str, dim: int, form: str) -> dict:
     import jax.numpy as jnp
 
     from configs import qwen2_5_3b
-    from merit_jax import extract, hardware, plan, train
+    from merit_jax import config, hardware, plan
+    from merit_jax import gradients as extract
     from merit_jax import plan_programs as pp
     from merit_jax import sketch as sk
     from merit_jax.models import params as P
@@ -43,8 +44,9 @@ def measure(arch: str, topology: str, dim: int, form: str) -> dict:
     topo = hardware.topology(topology)
     devices = hardware.devices(topo)
     mesh = make_mesh(1, len(devices), 1, devices=devices)
-    model = pp.abstract_model(plan.hf_config_of(cfg), train.TrainSettings.from_cfg(cfg), mesh)
-    names = extract.select_params(list(P.specs(model)), list(cfg.extract.include), list(cfg.extract.exclude))
+    st = config.settings(cfg)
+    model = pp.abstract_model(plan.hf_config_of(st), st.train, mesh)
+    names = extract.select_params(list(P.specs(model)), list(st.extract.include), list(st.extract.exclude))
     flat = extract._flat(extract.split_model(model, names)[1])
     layout = sk.Layout.of(flat)
     args = {n: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=v.sharding) for n, v in flat.items()}
