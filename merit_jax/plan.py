@@ -327,9 +327,13 @@ def format_plan(record: dict, config_name: str = "") -> str:
                   "written", _time(m["seconds"]) + f" at {DISK_BYTES_PER_S / 1e9:g} GB/s"))
     stage.append(("MERIT, branches one after another", "", _time(run["merit_s"])))
     stage.append((f"MERIT, branches on {len(run['branches'])} slices at once", "", _time(run["merit_parallel_s"])))
-    stage.append(("joint training (all tasks)", f"{run['joint']['steps']} + {run['joint']['eval_steps']} eval",
-                  _time(run["joint"]["seconds"])))
+    joint = run["joint"]
+    joint_time = _time(joint["seconds"]) if joint["seconds"] is not None or joint.get("train_seconds") is None \
+        else f"{_time(joint['train_seconds'])} + evals (eval_step not compiled)"
+    stage.append(("joint training (all tasks)", f"{joint['steps']} + {joint['eval_steps']} eval", joint_time))
     lines.append(_table(("stage", "steps", "time"), stage))
+    if run["extract"]["seconds"] is not None and joint.get("train_seconds"):
+        lines.append(f"whole extraction / joint training's steps: {100 * run['extract']['seconds'] / joint['train_seconds']:.1f} %")
     return "\n".join(lines)
 
 

@@ -283,9 +283,9 @@ def measure(fn: Callable, args: tuple, mesh: Mesh, *, chips: int, hbm_bytes: int
     XLA added loops (its flops fall short of the program's matmuls) it comes from a compile without them
     (NO_XLA_LOOPS); where the cost model could not cost some instruction (uncosted_ops: a scatter offloaded
     to the v5p's SparseCores), from a compile with the scatters on the TensorCores (NO_SPARSECORE_SCATTER);
-    where it still gives none, max(flops / peak, bytes accessed / HBM bandwidth), marked "flops/bytes". `kernel_flops` (global) are done by
-    Pallas kernels, which XLA's cost model does not see (splash attention): they are added to the flops, and
-    to the roofline time at the chips' peak."""
+    where it still gives none, max(flops / peak, bytes accessed / HBM bandwidth), marked "flops/bytes".
+    `kernel_flops` (global) are done by Pallas kernels, which XLA's cost model does not see (splash
+    attention): they are added to the flops, and to the roofline time at the chips' peak."""
     start, cpu_start = time.perf_counter(), time.process_time()
     # Traced under the mesh's abstract form: the shardings are the run's, but nothing is placed on the devices
     # while tracing (a compile-only TPU device holds no constant, e.g. splash attention's mask tables).
