@@ -17,14 +17,14 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from merit_jax import artifacts as wd
 from merit_jax import config
 from merit_jax import sketch as sk
-from merit_jax import artifacts as wd
-from merit_jax.stages import theta0_of
 from merit_jax.config import ExtractSettings, data_settings, extract_settings, mesh_for
 from merit_jax.gradients import (TaskExtractor, check_calibration, select_params, seq_bucket,
                                  stability_curve, stability_protocol, task_stability)
 from merit_jax.models import params as P
+from merit_jax.stages import theta0_of
 
 log = logging.getLogger(__name__)
 

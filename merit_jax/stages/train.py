@@ -15,12 +15,12 @@ import logging
 import pathlib
 from typing import Callable, Sequence
 
-from merit_jax.io import checkpoint as ckpt_lib
-from merit_jax import config
-from merit_jax.stages import theta0_of
 from merit_jax import artifacts as wd
+from merit_jax import config
 from merit_jax.config import DataSettings
 from merit_jax.errors import ConfigError
+from merit_jax.io import checkpoint as ckpt_lib
+from merit_jax.stages import theta0_of
 
 log = logging.getLogger(__name__)
 
