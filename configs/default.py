@@ -30,9 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
   # compile time and program size independent of depth; equal to the unrolled loop in fp32 up to summation order
   # (docs/TRAINING.md). Off for this 2-layer model (nothing to gain); on in the Qwen2.5 0.5B/1.5B/7B and VL configs
   m.scan_layers = False
-  # xla | cudnn (jax.nn.dot_product_attention) | splash (Pallas TPU kernel over packed rows: no T x S scores;
+  # xla | cudnn (cuDNN flash kernel, packed rows as ragged offsets: NVIDIA GPUs) | splash (Pallas TPU kernel
+  # over packed rows); neither kernel materialises T x S scores. splash
   # needs seq lengths that are multiples of 128, else falls back to xla; interpreted, slowly, off TPU)
   m.attention = "xla"
+  # attention=cudnn: the segments (packed examples + padding) per row its packed layout tells apart; its
+  # workspace grows with it (docs/TRAINING.md); a training plan with a fuller row is refused up front.
+  m.max_segments = 16
   m.logits_chunk = 512  # positions whose logits exist at once in a loss (0: all): [B, 512, V] fp32, not [B, S, V]
 
   # --- mesh --------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class ModelSettings:
     remat: str = "none"
     attention: str = "xla"
     scan_layers: bool = False
+    max_segments: int = 16
     logits_chunk: int = 0
 
 
@@ -224,6 +225,7 @@ class TrainSettings:
     remat: str = "none"
     attention: str = "xla"
     scan_layers: bool = False  # model.scan_layers: decoder (and vision) blocks as one lax.scan
+    max_segments: int = 16  # model.max_segments: segments per packed row model.attention=cudnn tells apart
     logits_chunk: int = 0  # model.logits_chunk: positions per logits chunk in the loss (0: all at once)
     xla_options: tuple[tuple[str, Any], ...] = ()  # per-jit XLA options of the train / eval steps
 
@@ -240,6 +242,9 @@ class TrainSettings:
             errors.append(f"model.scan_layers={self.scan_layers!r}: expected True or False")
         if self.remat not in REMAT:
             errors.append(f"model.remat={self.remat!r}: expected one of {REMAT}")
+        if not isinstance(self.max_segments, int) or self.max_segments < 2:
+            errors.append(f"model.max_segments={self.max_segments!r}: expected an integer >= 2 (a row's examples "
+                          "and its padding)")
         if not self.learning_rate > 0:
             errors.append(f"train.learning_rate={self.learning_rate} must be > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -401,7 +406,7 @@ def train_settings(cfg, **overrides) -> TrainSettings:
     t, m = cfg.train, cfg.model
     fields = {f.name for f in dataclasses.fields(TrainSettings)}
     values = {k: t.get(k) for k in fields if t.get(k, None) is not None}
-    for key in ("param_dtype", "compute_dtype", "remat", "attention", "scan_layers", "logits_chunk"):
+    for key in ("param_dtype", "compute_dtype", "remat", "attention", "scan_layers", "max_segments", "logits_chunk"):
         if m.get(key, None) is not None:
             values[key] = m.get(key)
     values.setdefault("seed", cfg.get("seed", 0))

@@ -62,7 +62,7 @@ def abstract_model(hf_config: dict, s: TrainSettings, mesh: Mesh, source: str = 
     from merit_jax.models.registry import model_factory
 
     make = model_factory(hf_config, source, dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat,
-                         attention=s.attention, scan_layers=s.scan_layers)
+                         attention=s.attention, scan_layers=s.scan_layers, max_segments=s.max_segments)
     graphdef, state = nnx.split(nnx.eval_shape(make))
     shard_of = P.shardings(state, mesh)
     state = nnx.map_state(lambda path, v: v.replace(_Abstract(v.shape, v.dtype, sharding=shard_of[P.path_name(path)])),

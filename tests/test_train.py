@@ -283,9 +283,11 @@ def test_finished_branch_is_skipped_without_reading_data(stage_run):
     ({"train.batch_tokens": 100}, 1, "train.batch_tokens=100 is not a multiple of train.seq_len=64"),
     ({"train.optimizer": "adam"}, 1, "train.optimizer='adam'"),
     ({"data.max_len": 128}, 1, "data.max_len=128 > train.seq_len=64"),
+    ({"model.max_segments": 1}, 1, "model.max_segments=1: expected an integer >= 2"),
     ({}, 2, "--branch=2 is out of range: split/partition.json has 2 group(s)"),
     ({}, -1, "--branch=-1 is out of range"),
-], ids=["mesh", "batch", "accum", "batch-tokens", "optimizer", "max-len", "branch", "negative-branch"])
+], ids=["mesh", "batch", "accum", "batch-tokens", "optimizer", "max-len", "max-segments", "branch",
+        "negative-branch"])
 def test_bad_config_fails_before_any_compute(stage_run, overrides, branch, message):
     cfg = make_config(**overrides)
     with pytest.raises(ConfigError) as err:

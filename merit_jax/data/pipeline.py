@@ -45,15 +45,30 @@ def steps_per_epoch(examples: list[Example], *, seq_len: int, batch_size: int, s
     return num_train_steps(examples, seq_len=seq_len, batch_size=batch_size, seed=seed, num_epochs=1.0)
 
 
+def check_segments(rows: list[np.ndarray], lengths: np.ndarray, seq_len: int, max_segments: int) -> None:
+    """Every packed row's segments (examples + padding) within `max_segments` (model.attention=cudnn needs it)."""
+    counts = np.array([len(r) + int(lengths[r].sum() < seq_len) for r in rows])
+    worst = int(counts.argmax()) if len(counts) else 0
+    if len(counts) and counts[worst] > max_segments:
+        raise ValueError(f"packed row {worst} of the training plan holds {len(rows[worst])} examples (+ padding): "
+                         f"{counts[worst]} segments > model.max_segments={max_segments}, the most that "
+                         f"model.attention=cudnn tells apart; raise model.max_segments to {int(counts.max())} "
+                         f"(its memory grows with it, docs/TRAINING.md) or use model.attention=xla")
+
+
 def make_train_iterator(examples: list[Example], *, seq_len: int, batch_size: int, seed: int,
                         num_epochs: float = 1.0, shard_index: int = 0, shard_count: int = 1,
-                        num_threads: int = 1, prefetch: int = 4, images=None) -> grain.DatasetIterator:
+                        num_threads: int = 1, prefetch: int = 4, images=None,
+                        max_segments: int = 0) -> grain.DatasetIterator:
     """A grain iterator over this process's share of each global batch (batch_size is global).
     images: a merit_jax.data.vision.RowImages over `examples` (Qwen2.5-VL): batches then carry each row's
-    images; it is fitted here on every row of the run, so the arrays keep one shape."""
+    images; it is fitted here on every row of the run, so the arrays keep one shape. max_segments > 0: every
+    row must hold at most that many segments (its examples, and its padding if any), else a ValueError."""
     _check(examples, seq_len, batch_size, shard_index, shard_count)
     table = TokenTable(examples)
     rows = plan_rows(table.lengths, seq_len=seq_len, batch_size=batch_size, seed=seed, num_epochs=num_epochs)
+    if max_segments:
+        check_segments(rows, table.lengths, seq_len, max_segments)
     per_shard = batch_size // shard_count
     if images is not None:
         images.fit(rows)

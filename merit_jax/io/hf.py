@@ -79,11 +79,12 @@ def load_hf_params_fetch(tensors: SafetensorsDir):
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, compute_dtype=None, remat="none",
-            attention="xla", scan_layers: bool = False) -> nnx.Module:
+            attention="xla", scan_layers: bool = False, max_segments: int = 16) -> nnx.Module:
     """A Flax NNX model with the weights of a local HF directory (each device gets only its shards)."""
     hf_config = read_hf_config(path)
     make = model_factory(hf_config, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
-                         attention=attention, scan_layers=scan_layers)
+                         attention=attention, scan_layers=scan_layers,
+                         max_segments=max_segments)
     tensors = SafetensorsDir(path)
     try:
         return P.create_from_arrays(make, mesh, load_hf_params_fetch(tensors), what=str(path))

@@ -21,15 +21,16 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def load_model(path: str | os.PathLike, *, mesh=None, dtype: str = "float32", compute_dtype=None, remat="none",
-               attention="xla", scan_layers: bool = False) -> nnx.Module:
+               attention="xla", scan_layers: bool = False, max_segments: int = 16) -> nnx.Module:
     """A model with the weights of `path`, each parameter loaded straight into its shards on `mesh`."""
     path = Path(path)
     if not checkpoint.is_checkpoint(path):
         return hf.load_hf(path, dtype, mesh=mesh, compute_dtype=compute_dtype, remat=remat, attention=attention,
-                          scan_layers=scan_layers)
+                          scan_layers=scan_layers, max_segments=max_segments)
     hf_config = checkpoint.read_hf_config(path)
     make = model_factory(hf_config, f"{path}/config.json", dtype=dtype, compute_dtype=compute_dtype, remat=remat,
-                         attention=attention, scan_layers=scan_layers)
+                         attention=attention, scan_layers=scan_layers,
+                         max_segments=max_segments)
     abstract = nnx.eval_shape(make)
     graphdef, abs_state = nnx.split(abstract)
     specs = P.specs(abs_state)

@@ -1,6 +1,8 @@
-"""Causal self-attention over packed rows without T × S scores: splash attention (the Pallas TPU kernel).
+"""Causal self-attention over packed rows without T × S scores: splash attention (the Pallas TPU kernel) and
+cuDNN's fused attention in its packed layout (NVIDIA GPUs).
 
     out_btnh = splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)   # model.attention = "splash"
+    out_btnh = cudnn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)    # model.attention = "cudnn"
 
 Packed rows hold several examples, told apart by `segment_ids` (0: padding); a token attends to the earlier
 tokens of its own segment (causal by index within a segment, which is causal by position id too, since a
@@ -13,6 +15,13 @@ The kernel needs sequence lengths that are multiples of 128 (its block size); sh
 (generation, tests) fall back to XLA's attention with the same mask, which `dense_attention` builds. On a machine
 without a TPU the kernel runs through Pallas' interpreter (tests: slow, exact); `INTERPRET` says which, and a
 deviceless TPU compile (merit_jax.plan) sets it False.
+
+cuDNN takes packed rows as ragged offsets: each row's segments (runs of one nonzero segment id) become its
+start offsets and lengths, padded to a static number of segments per row (`CUDNN_MAX_SEGMENTS`), and the kernel
+attends causally inside each one (a flash kernel: no scores, no mask in memory). Handing cuDNN a dense [T, S]
+mask instead would turn it into a [B, 1, T, S] bias, and MaxText's cudnn flash path, which drops segment ids,
+attends across packed examples: both avoided here. A row with more segments than that bound cannot be
+expressed: its outputs become NaN (a loud loss, never a silent wrong one); raise the bound.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from merit_jax.sharding import LOGICAL_RULES
 BLOCK = 128  # the kernel's lane width: sequence lengths and blocks are multiples of it
 MAX_BLOCK = 512
 INTERPRET: bool | None = None  # None: interpret unless the default backend is a TPU
+CUDNN_MAX_SEGMENTS = 16  # packed examples per row the cuDNN path tells apart (static: the offsets' shape)
 
 
 def dense_mask(segment_ids_bt: jax.Array) -> jax.Array:
@@ -114,3 +124,37 @@ def splash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, se
     fn = jax.shard_map(functools.partial(_local, interpret=interpret), mesh=mesh,
                        in_specs=(qkv, qkv, qkv, P(rows or None, None)), out_specs=qkv, check_vma=False)
     return fn(q_btnh, k_btkh, v_btkh, seg)
+
+
+def segment_runs(segment_ids_bt: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """cuDNN's packed layout of each row: start offsets int32 [B, M + 1] and lengths int32 [B, M] of its runs
+    of one segment id (padding, id 0, is a run too: cuDNN leaves the gradients of uncovered positions
+    undefined), in order, -1 where a row has fewer than M; and whether any row has more (bool)."""
+    b, t = segment_ids_bt.shape
+    seg = segment_ids_bt.astype(jnp.int32)
+    edge = jnp.full((b, 1), -1, jnp.int32)  # never a segment id: the row's ends bound a run
+    start = seg != jnp.concatenate([edge, seg[:, :-1]], axis=1)
+    end = seg != jnp.concatenate([seg[:, 1:], edge], axis=1)
+    run = jnp.cumsum(start, axis=1) - 1  # each token's run index in its row
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    rows = jnp.arange(b)[:, None]
+    starts = jnp.full((b, max_segments + 1), -1, jnp.int32).at[
+        rows, jnp.where(start & (run < max_segments), run, max_segments + 1)].set(pos, mode="drop")
+    ends = jnp.full((b, max_segments), -1, jnp.int32).at[rows, jnp.where(end, run, max_segments)].set(
+        pos, mode="drop")
+    lengths = jnp.where(ends >= 0, ends - starts[:, :max_segments] + 1, -1)
+    return starts, lengths, jnp.any(run >= max_segments)
+
+
+def cudnn_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_ids_bt: jax.Array,
+                    max_segments: int | None = None) -> jax.Array:
+    """softmax(q kᵀ / √h + causal-within-segment mask) v, [B, T, N, H] out, through cuDNN's fused kernel with
+    packed rows as ragged offsets; q, k, v in bf16 or fp16. Padding (segment 0) attends among itself, as in
+    `splash_attention`."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as fused
+
+    starts, lengths, overflow = segment_runs(segment_ids_bt, max_segments or CUDNN_MAX_SEGMENTS)
+    out = fused(q_btnh, k_btkh, v_btkh, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts,
+                scale=float(1.0 / np.sqrt(q_btnh.shape[-1])), mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+    return jnp.where(overflow, jnp.asarray(jnp.nan, out.dtype), out)

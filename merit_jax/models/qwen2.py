@@ -29,6 +29,7 @@ class DTypePolicy:
     remat: str = "none"  # none | full | dots
     attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | splash
     scan_layers: bool = False  # run the stacked blocks through one lax.scan (`scan_blocks`), not unrolled
+    max_segments: int = 16  # attention=cudnn: segments (examples, padding) per packed row it tells apart
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = 0.02) -> nnx.Param:
@@ -89,11 +90,11 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=True, policy=policy, rngs=rngs)
         self.o_proj = Linear(n * h, d, ("heads", "embed"), bias=False, policy=policy, rngs=rngs)
         self.n, self.k, self.h = n, k, h
-        self.implementation = policy.attention if policy.attention == "cudnn" else None
+        self.kernel, self.max_segments = policy.attention, policy.max_segments  # kernel: xla | cudnn | splash
 
     def __call__(self, x_btd: Array, cos_bth: Array, sin_bth: Array, mask_b1ts: Array,
                  cache: dict | None = None) -> tuple[Array, dict | None]:
-        """`mask_b1ts`: bool [B, 1, T, S], or (model.attention = "splash") the rows' segment ids [B, T]."""
+        """`mask_b1ts`: bool [B, 1, T, S], or (model.attention = splash | cudnn) the rows' segment ids [B, T]."""
         b, t, _ = x_btd.shape
         q_btnh = apply_rope(self.q_proj(x_btd).reshape(b, t, self.n, self.h), cos_bth, sin_bth)
         k_btkh = apply_rope(self.k_proj(x_btd).reshape(b, t, self.k, self.h), cos_bth, sin_bth)
@@ -105,12 +106,13 @@ class Attention(nnx.Module):
             v_btkh = jax.lax.dynamic_update_slice(cache["v"], v_btkh.astype(cache["v"].dtype), (0, idx, 0, 0))
             cache = {"k": k_btkh, "v": v_btkh, "index": idx}
         k_btkh, v_btkh = k_btkh.astype(q_btnh.dtype), v_btkh.astype(q_btnh.dtype)
-        if mask_b1ts.ndim == 2 and attention.supported(t):  # segment ids: no [T, S] scores or mask
+        if mask_b1ts.ndim == 2 and self.kernel == "cudnn":  # segment ids: no [T, S] scores or mask
+            out_btnh = attention.cudnn_attention(q_btnh, k_btkh, v_btkh, mask_b1ts, self.max_segments)
+        elif mask_b1ts.ndim == 2 and attention.supported(t):
             out_btnh = attention.splash_attention(q_btnh, k_btkh, v_btkh, mask_b1ts)
-        else:
+        else:  # the reference; also decoding (one query against the cache) with any kernel setting
             mask = attention.dense_mask(mask_b1ts) if mask_b1ts.ndim == 2 else mask_b1ts
-            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask,
-                                                    implementation=self.implementation)
+            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask)
         return self.o_proj(out_btnh.reshape(b, t, self.n * self.h)), cache
 
 
@@ -258,10 +260,12 @@ class Qwen2Model(nnx.Module):
         return self.norm(x_btd), (new_caches if caches is not None else None)
 
 
-def make_policy(param_dtype, compute_dtype, remat: str, attention: str, scan_layers: bool) -> DTypePolicy:
+def make_policy(param_dtype, compute_dtype, remat: str, attention: str, scan_layers: bool,
+                max_segments: int = 16) -> DTypePolicy:
     if remat not in ("none", *_REMAT_POLICIES):
         raise ValueError(f"model.remat={remat!r}: expected one of none, {', '.join(_REMAT_POLICIES)}")
-    return DTypePolicy(jnp.dtype(param_dtype), jnp.dtype(compute_dtype), remat, attention, bool(scan_layers))
+    return DTypePolicy(jnp.dtype(param_dtype), jnp.dtype(compute_dtype), remat, attention, bool(scan_layers),
+                       int(max_segments))
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -269,8 +273,8 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def __init__(self, arch: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                  compute_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
-                 scan_layers: bool = False):
-        policy = make_policy(param_dtype, compute_dtype, remat, attention, scan_layers)
+                 scan_layers: bool = False, max_segments: int = 16):
+        policy = make_policy(param_dtype, compute_dtype, remat, attention, scan_layers, max_segments)
         self.config, self.policy = arch, policy
         self.model = Qwen2Model(arch, policy, rngs)
         self.lm_head = (None if arch.tie_word_embeddings else
@@ -292,7 +296,7 @@ class Qwen2ForCausalLM(nnx.Module):
         """The final hidden states h [B, T, D] (what `logits` maps to the vocabulary): losses over a large
         vocabulary compute the logits from them a chunk at a time (merit_jax.losses.chunked_token_ce)."""
         positions, mask = self.prepare(input_ids, positions, segment_ids, attention_mask)
-        if self.policy.attention == "splash":  # the kernel takes segment ids (0: padding), never a [T, S] mask
+        if self.policy.attention in ("splash", "cudnn"):  # kernels take segment ids (0: padding), never [T, S]
             mask = segment_ids if segment_ids is not None else (
                 attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, jnp.int32))
         h_btd, _ = self.model(input_ids, positions, mask)

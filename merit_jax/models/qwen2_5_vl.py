@@ -120,8 +120,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     `vl_config` the whole VLConfig."""
 
     def __init__(self, arch: VLConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.float32,
-                 remat: str = "none", attention: str = "xla", scan_layers: bool = False):
-        policy = make_policy(param_dtype, compute_dtype, remat, attention, scan_layers)
+                 remat: str = "none", attention: str = "xla", scan_layers: bool = False, max_segments: int = 16):
+        policy = make_policy(param_dtype, compute_dtype, remat, attention, scan_layers, max_segments)
         self.vl_config, self.config, self.policy = arch, arch.text, policy
         self.visual = VisionTransformer(arch.vision, policy, rngs)
         self.model = Qwen2Model(arch.text, policy, rngs)
@@ -244,7 +244,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         b, t = input_ids.shape
         order_bt = jnp.broadcast_to(jnp.arange(t), (b, t))  # causality is by index, not by position id
         mask = make_attention_mask(order_bt, segment_ids, attention_mask)
-        if self.policy.attention == "splash":  # the kernel takes segment ids (0: padding), never a [T, S] mask
+        if self.policy.attention in ("splash", "cudnn"):  # kernels take segment ids (0: padding), never [T, S]
             mask = segment_ids if segment_ids is not None else (
                 attention_mask if attention_mask is not None else jnp.ones((b, t), jnp.int32))
         h_btd, _ = self.model(input_ids, cos_sin(cos, sin), mask, inputs_embeds_btd=x_btd)

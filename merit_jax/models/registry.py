@@ -18,11 +18,11 @@ def build_model(model_type: str, hf_config: dict, *, rngs, source="config.json",
 
 
 def model_factory(hf_config: dict, source: str = "config.json", *, dtype="float32", compute_dtype=None,
-                  remat="none", attention="xla", scan_layers: bool = False, seed: int = 0):
+                  remat="none", attention="xla", scan_layers: bool = False, max_segments: int = 16, seed: int = 0):
     """A zero-argument constructor (for `nnx.eval_shape` / sharded creation) of the model a config describes."""
     model_type = hf_config.get("model_type")
     if model_type != "qwen2_5_vl":
         ModelConfig.from_hf(hf_config, source)  # validate eagerly: a clear error before any tracing
     policy = dict(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(compute_dtype or dtype), remat=remat,
-                  attention=attention, scan_layers=scan_layers)
+                  attention=attention, scan_layers=scan_layers, max_segments=max_segments)
     return lambda: build_model(model_type, hf_config, rngs=nnx.Rngs(seed), source=source, **policy)

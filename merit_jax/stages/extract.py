@@ -87,7 +87,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     mesh = mesh_for(cfg)
     m = config.model_settings(cfg)
     model = load_model(theta, mesh=mesh, dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-                       attention=m.attention, scan_layers=m.scan_layers)
+                       attention=m.attention, scan_layers=m.scan_layers, max_segments=m.max_segments)
     tokenizer = load_tokenizer(data_settings(cfg))
     mixture = load_mixture(data_settings(cfg), tokenizer, workdir)
     names = select_params(list(P.flatten(model)), list(s.include), list(s.exclude))

@@ -69,4 +69,5 @@ def process_batches(examples: Sequence, s: TrainSettings, num_epochs: float, mes
     return make_train_iterator(list(examples), seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
                                num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
                                images=make_images(list(examples)) if make_images else None,
-                               num_threads=s.loader_threads)
+                               num_threads=s.loader_threads,
+                               max_segments=s.max_segments if s.attention == "cudnn" else 0)

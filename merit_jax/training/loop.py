@@ -60,7 +60,7 @@ def _model_for(init, s: TrainSettings, mesh: Mesh, need_weights: bool):
     path = Path(init)
     hf = read_config(path)
     policy = dict(dtype=s.param_dtype, compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention,
-                  scan_layers=s.scan_layers)
+                  scan_layers=s.scan_layers, max_segments=s.max_segments)
     if need_weights:
         module = load_model(path, mesh=mesh, **policy)
         return SplitModel(module), SplitModel.params_of(module), hf, path

@@ -40,5 +40,5 @@ def random_model(hf_config: dict, s: TrainSettings, mesh: Mesh, seed: int) -> nn
 
     make = model_factory(hf_config, "basin tiny model (model.tiny)", dtype=s.param_dtype,
                          compute_dtype=s.compute_dtype, remat=s.remat, attention=s.attention,
-                         scan_layers=s.scan_layers, seed=seed)
+                         scan_layers=s.scan_layers, max_segments=s.max_segments, seed=seed)
     return P.create_sharded(make, mesh)
