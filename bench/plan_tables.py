@@ -132,8 +132,8 @@ def main() -> int:
     wanted = [w for w in args.only.split(",") if w]
     names = [n for n in ROWS if not wanted or any(w in n for w in wanted)]
     if args.from_json:
-        records = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(args.from_json).glob("*.json"))
-                   if p.stem in names}
+        found = {p.stem: p for p in pathlib.Path(args.from_json).glob("*.json")}
+        records = {n: json.loads(found[n].read_text()) for n in names if n in found}
         print(tables(records))
         return 0
     if args.list:
