@@ -94,11 +94,12 @@ def tables(records: dict[str, dict]) -> str:
             fits = "-" if p["fits"] is None else "yes" if p["fits"] else "**no**"
             roof = "-" if p["roofline_s"] is None else f"{p['roofline_s']:.4g}"
             mfu = "-" if p["mfu_bound"] is None else f"{p['mfu_bound']:.2f}"
-            out.append(f"| {name} | {rec['topology']} | {prog} | {p['rows_per_chip']:g} | {_gib(p['argument_bytes'])} | "
-                       f"{_gib(p['temp_bytes'])} | {_gib(p['total_bytes'])} | {fits} | {p['flops'] / 1e12:.1f} | {roof} | "
-                       f"{mfu} | {p['compile_s']:.0f} |")
+            out.append(f"| {name} | {rec['topology']} | {prog} | {p['rows_per_chip']:g} | "
+                       f"{_gib(p['argument_bytes'])} | {_gib(p['temp_bytes'])} | {_gib(p['total_bytes'])} | {fits} | "
+                       f"{p['flops'] / 1e12:.1f} | {roof} | {mfu} | {p['compile_s']:.0f} |")
     out += ["", "| row | topology | extraction GiB/chip | fwd+bwd GiB/chip | bytes × | flops × | roofline × | "
-            "extraction compile s | fwd+bwd compile s | train step compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "extraction compile s | fwd+bwd compile s | train step compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rec in records.items():
         progs = rec["programs"]
         e, f, t = progs.get("extract_step"), progs.get("fwd_bwd_step"), progs.get("train_step")
@@ -109,8 +110,8 @@ def tables(records: dict[str, dict]) -> str:
         out.append(f"| {name} | {rec['topology']} | {_gib(e['total_bytes'])} | {_gib(f['total_bytes'])} | "
                    f"{_x(vs.get('total_bytes'))} | {_x(vs.get('flops'))} | {_x(vs.get('roofline_s'))} | "
                    f"{e['compile_s']:.0f} | {f['compile_s']:.0f} | {train_compile} |")
-    out += ["", "| row | topology | tasks | extraction (all tasks) | joint epoch (training steps) | extraction / joint |",
-            "|---|---|---|---|---|---|"]
+    out += ["", "| row | topology | tasks | extraction (all tasks) | joint epoch (training steps) | "
+            "extraction / joint |", "|---|---|---|---|---|---|"]
     for name, rec in records.items():
         run_ = rec["run"]
         extract_s, joint_s = run_["extract"]["seconds"], run_["joint"].get("train_seconds")
@@ -132,8 +133,8 @@ def main() -> int:
     wanted = [w for w in args.only.split(",") if w]
     names = [n for n in ROWS if not wanted or any(w in n for w in wanted)]
     if args.from_json:
-        records = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(args.from_json).glob("*.json"))
-                   if p.stem in names}
+        found = {p.stem: p for p in pathlib.Path(args.from_json).glob("*.json")}
+        records = {n: json.loads(found[n].read_text()) for n in names if n in found}
         print(tables(records))
         return 0
     if args.list:

@@ -333,7 +333,8 @@ def format_plan(record: dict, config_name: str = "") -> str:
     stage.append(("joint training (all tasks)", f"{joint['steps']} + {joint['eval_steps']} eval", joint_time))
     lines.append(_table(("stage", "steps", "time"), stage))
     if run["extract"]["seconds"] is not None and joint.get("train_seconds"):
-        lines.append(f"whole extraction / joint training's steps: {100 * run['extract']['seconds'] / joint['train_seconds']:.1f} %")
+        share = run["extract"]["seconds"] / joint["train_seconds"]
+        lines.append(f"whole extraction / joint training's steps: {100 * share:.1f} %")
     return "\n".join(lines)
 
 

@@ -210,7 +210,7 @@ class Program:
     error: str = ""  # the compiler's own refusal (e.g. out of HBM), when it refused
     roofline_from: str = ""  # "xla" (optimal_seconds) | "flops/bytes" (where XLA gives none)
     kernel_flops: float = 0.0  # per chip, in Pallas kernels (splash attention), counted at peak in roofline_s
-    cost_compile_s: float = 0.0  # the second compile for the cost, when there was one (NO_XLA_LOOPS, NO_SPARSECORE_SCATTER)
+    cost_compile_s: float = 0.0  # the second compile for the cost, if any (NO_XLA_LOOPS, NO_SPARSECORE_SCATTER)
     uncosted_ops: int = 0  # instructions XLA's cost model could not cost (see uncosted_ops)
     compile_cpu_s: float = 0.0  # CPU seconds of this process (all threads) over compile_s: steadier under load
 
