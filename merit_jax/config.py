@@ -271,6 +271,10 @@ class TrainSettings:
             if self.eval_batch_size and self.eval_batch_size % dp:
                 errors.append(f"train.eval_batch_size={self.eval_batch_size} is not divisible by "
                               f"mesh.data*mesh.fsdp = {dp}")
+        platform = mesh.devices.flat[0].platform if mesh is not None else None
+        if self.attention == "cudnn" and platform not in (None, "gpu", "cuda"):
+            errors.append(f"model.attention=cudnn is cuDNN's kernel for NVIDIA GPUs, and this run's devices are "
+                          f"{platform}: use xla (or splash on TPU)")
         if errors:
             raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
 

@@ -284,9 +284,11 @@ def test_finished_branch_is_skipped_without_reading_data(stage_run):
     ({"train.optimizer": "adam"}, 1, "train.optimizer='adam'"),
     ({"data.max_len": 128}, 1, "data.max_len=128 > train.seq_len=64"),
     ({"model.max_segments": 1}, 1, "model.max_segments=1: expected an integer >= 2"),
+    ({"model.attention": "cudnn"}, 1, "model.attention=cudnn is cuDNN's kernel for NVIDIA GPUs"),
     ({}, 2, "--branch=2 is out of range: split/partition.json has 2 group(s)"),
     ({}, -1, "--branch=-1 is out of range"),
-], ids=["mesh", "batch", "accum", "batch-tokens", "optimizer", "max-len", "max-segments", "branch",
+], ids=["mesh", "batch", "accum", "batch-tokens", "optimizer", "max-len", "max-segments", "cudnn-on-cpu",
+        "branch",
         "negative-branch"])
 def test_bad_config_fails_before_any_compute(stage_run, overrides, branch, message):
     cfg = make_config(**overrides)
