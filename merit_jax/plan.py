@@ -136,9 +136,11 @@ def compile_program(name: str, st: Settings, model, mesh, topo: hardware.Topolog
     else:  # extract_step (one task) or fwd_bwd_step (one of its micro-chunks)
         from merit_jax.gradients import seq_bucket
         seq = seq_bucket(int(st.data.max_len))
-        images = pp.image_budget(st.data, vl, seq, 1) if vl else None
+        per_row = None if st.extract.options.packed else 1  # packed rows: as many images as their tokens take
+        images = pp.image_budget(st.data, vl, seq, per_row) if vl else None
         if name == "extract_step":
-            fn, args, ex = pp.extract_step(st.extract, st.data.max_len, model, mesh, images)
+            fn, args, ex = pp.extract_step(st.extract, st.data.max_len, model, mesh, images,
+                                           st.plan.example_tokens)
             chunks = args[3]["input_ids"].shape[0]
         else:
             fn, args, ex = pp.fwd_bwd_step(st.extract, st.data.max_len, model, mesh, images)
@@ -175,8 +177,8 @@ def run_size(st: Settings, tokens: int | None, tasks: int | None, workdir=None) 
     if tokens is None and tasks is None and _data_at_hand(st):
         return _size_from_data(st, s, k, workdir)
     defaults = st.plan
-    tokens = tokens if tokens is not None else int(defaults.get("tokens", 0)) or None
-    tasks = tasks if tasks is not None else int(defaults.get("tasks", 0)) or None
+    tokens = tokens if tokens is not None else int(defaults.tokens) or None
+    tasks = tasks if tasks is not None else int(defaults.tasks) or None
     if tokens is None or tasks is None:
         raise PlanError("no data at hand to project the run from: pass --tokens N (training tokens of the "
                         "mixture, one epoch) and --tasks T (or set plan.tokens / plan.tasks in the config)")

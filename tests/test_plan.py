@@ -184,3 +184,19 @@ def test_shipped_architectures_are_the_public_models(name):
     assert text.vocab_size == (151936 if text.hidden_size < 3584 else 152064)
     n = sum(math.prod(shape) for shape, _ in P.specs(nnx.eval_shape(model_factory(hf, str(path)))).values())
     assert round(n / 1e9, 3) == ARCH[name]
+
+
+def test_run_size_from_the_configs_plan_keys():
+    """No data at hand and no --tokens/--tasks: the run is sized by plan.tokens / plan.tasks (as the VL-7B
+    config ships them); missing both is a clear error."""
+    from configs import qwen2_5_vl_7b
+
+    cfg = qwen2_5_vl_7b.get_config()
+    cfg.model.hf_path = "configs/arch/Qwen2.5-VL-7B-Instruct"
+    st = config.settings(cfg)
+    size = plan.run_size(st, None, None)
+    assert (size["source"], size["tasks"], size["tokens"]) == ("flags", 176, 1_600_000 * 600)
+    assert size["joint_steps"] == math.ceil(1_600_000 * 600 / (cfg.train.batch_size * cfg.train.seq_len))
+    cfg.plan.update(tokens=0, tasks=0)
+    with pytest.raises(plan.PlanError, match="pass --tokens N"):
+        plan.run_size(config.settings(cfg), None, None)
