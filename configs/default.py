@@ -81,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   # auto | per_example (vmap(grad)) | batched (one gradient of the weighted loss per chunk: a training step's
   # cost and memory; same vector for per_example=mean|tokens); auto: batched when nothing per-example is kept
   e.gradients = "auto"
+  # batched path only: pack each task's examples into rows (first fit in its sequence bucket, kept apart by
+  # segment ids, as training does): the same vector without the padding's compute (docs/EXTRACT.md)
+  e.pack = False
   e.seed = 0  # of the sketch's hash
   e.stability_sizes = (10, 25, 50, 100, 200)  # m of the calibration-stability curve
   e.stability_draws = 20  # random m-subsets per task and m
@@ -150,4 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- plan (python -m merit_jax.plan): the run's size when no data is at hand ---------------------------
   c.plan = ml_collections.ConfigDict(dict(tokens=0, tasks=0))  # training tokens (one epoch), tasks; 0: the data's
+  # mean tokens of a calibration example: with extract.pack, how many rows a task's examples fill (0: each one a
+  # full sequence bucket, i.e. no gain from packing)
+  c.plan.example_tokens = 0
   return c

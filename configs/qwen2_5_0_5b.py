@@ -31,6 +31,7 @@ def get_config(size: str = "0.5b"):
     c.extract.reduction = "sketch"
     c.extract.keep_example_sketches = False  # per-example sketches cost a pass over P each; the stability curve needs them
     c.extract.dim = 8192
+    c.extract.pack = True  # several calibration examples per row: no compute spent on padding (docs/EXTRACT.md)
     c.split.depth = 2
     c.train.learning_rate = {"0.5b": 1e-5, "1.5b": 1e-5, "3b": 5e-6, "7b": 5e-6}[size]
     c.train.schedule = "cosine"

@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     e.micro_chunk = 4
     e.exclude = ("embed_tokens", "lm_head", "^visual/")  # language model only
     e.keep_example_sketches = False  # a per-example pass over P each; only the stability curve needs them
+    e.pack = True  # several examples (and their images) per row: no compute spent on padding (docs/EXTRACT.md)
 
     c.split.depth = 3  # K = 8 groups (the paper's best VL-3B row)
 

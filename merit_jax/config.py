@@ -133,6 +133,7 @@ class ExtractOptions:
     keep_example_sketches: bool = True
     logits_chunk: int = 0  # model.logits_chunk: the loss's logits this many positions at a time (0: at once)
     gradients: str = "auto"  # auto | per_example | batched (see `batched`)
+    pack: bool = False  # batched path: several examples per row, kept apart by segment ids (see `packed`)
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
@@ -146,6 +147,17 @@ class ExtractOptions:
         if self.gradients == "batched" and (self.per_example == "unit" or self.keep_example_sketches):
             raise ValueError("extract.gradients=batched gives no per-example gradients: it needs "
                              "extract.per_example=mean|tokens and extract.keep_example_sketches=False")
+        if self.pack and not self.batched:
+            raise ValueError("extract.pack=True packs the batched path's rows, and these options take the "
+                             "per-example path: it needs extract.gradients=auto|batched, extract.per_example="
+                             "mean|tokens and extract.keep_example_sketches=False")
+
+    @property
+    def packed(self) -> bool:
+        """The batched path with several examples per row (first fit into the task's sequence bucket), as
+        training packs them: each token weighs w_e / n_e (its example's weight over its supervised tokens),
+        so the gradient is the same weighted mean with the padding's compute gone."""
+        return self.pack and self.batched
 
     @property
     def batched(self) -> bool:
@@ -314,6 +326,7 @@ class EvaluateSettings:
 class PlanSettings:
     tokens: int = 0
     tasks: int = 0
+    example_tokens: int = 0  # mean tokens of a calibration example (extract.pack sizes its rows by it); 0: a bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,7 +399,8 @@ def extract_options(cfg) -> ExtractOptions:
     return ExtractOptions(reduction=e["reduction"], per_example=e["per_example"], dim=int(e["dim"]),
                           stride=int(e["stride"]), seed=int(e.get("seed", cfg.get("seed", 0))),
                           micro_chunk=int(e["micro_chunk"]), keep_example_sketches=bool(e["keep_example_sketches"]),
-                          logits_chunk=int(m.get("logits_chunk", 0)), gradients=e.get("gradients", "auto"))
+                          logits_chunk=int(m.get("logits_chunk", 0)), gradients=e.get("gradients", "auto"),
+                          pack=bool(e.get("pack", False)))
 
 
 def extract_settings(cfg) -> ExtractSettings:
@@ -495,6 +509,9 @@ def validate(cfg, stage: str = "all", branch: int | None = None) -> None:
     if e.gradients == "batched" and (e.per_example == "unit" or e.keep_example_sketches):
         errors.append("extract.gradients='batched' gives no per-example gradients: it needs extract.per_example="
                       "mean|tokens and extract.keep_example_sketches=False")
+    if e.get("pack", False) and (e.gradients == "per_example" or e.per_example == "unit" or e.keep_example_sketches):
+        errors.append("extract.pack=True packs the batched path's rows: it needs extract.gradients=auto|batched, "
+                      "extract.per_example=mean|tokens and extract.keep_example_sketches=False")
     for key in ("extract.include", "extract.exclude"):
         errors += regex_errors(key, _get(cfg, key))
     if cfg.merge.method == "weights" and not list(cfg.merge.weights):

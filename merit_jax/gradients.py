@@ -122,6 +122,18 @@ def _weighted_grad(graphdef, selected, rest, chunk, weights_c, logits_chunk=0):
     return losses, _flat(grad)
 
 
+def _token_weighted_grad(graphdef, selected, rest, chunk, logits_chunk=0):
+    """(each supervised token's loss [C, S], {name: Σ_t w_t ∇ce_t}) of a chunk of packed rows: with
+    w_t = w_e / n_e (chunk["token_weight"], 0 off the supervised tokens) this is Σ_e w_e ∇loss_e over every
+    example of the chunk, in one forward+backward of its rows."""
+    def weighted(sel):
+        ce = batch_token_ce(nnx.merge(graphdef, sel, rest), chunk, logits_chunk)
+        return jnp.sum(chunk["token_weight"] * ce), ce * chunk["loss_mask"].astype(jnp.float32)
+
+    (_, token_loss), grad = jax.value_and_grad(weighted, has_aux=True)(selected)
+    return token_loss, _flat(grad)
+
+
 def per_example_grads(model: nnx.Module, batch: Mapping[str, Any], names: Sequence[str] | None = None):
     """(losses [B], {name: gradient [B, ...]}) for every row of a batch dict, in one vmap (tests, bench).
     Materialises all B gradients: the stage never calls this, it reduces micro-chunks instead."""
@@ -174,6 +186,7 @@ class _Plan:
     param_specs: tuple[PartitionSpec, ...] | None  # the parameters' own (like_params), in layout order
     logits_chunk: int = 0  # positions per logits chunk in each example's loss
     batched: bool = False  # one gradient of the weighted loss per chunk (ExtractOptions.batched)
+    packed: bool = False  # rows hold several examples; batch["token_weight"] weighs each token (ExtractOptions.packed)
     sketch_method: str = "scatter"  # how the sketch sums its buckets (sketch_method_for)
 
     def reduce(self, flat, reduction):
@@ -211,6 +224,8 @@ def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
     def skip_chunk(carry, xs):
         chunk, valid_c = xs
         c = valid_c.shape[0]
+        if plan.packed:
+            return carry, {"token_loss": jnp.zeros(chunk["loss_mask"].shape, jnp.float32)}
         ys = {"loss": jnp.zeros((c,)), "norm": jnp.zeros((c,)), "tokens": jnp.zeros((c,))}
         if plan.example_reduction is not None:
             ys["sketch"] = jnp.zeros((c, sk.output_dim(plan.layout, plan.example_reduction, d=plan.dim,
@@ -227,7 +242,16 @@ def _task_impl(plan: _Plan, selected, rest, batch_ncs, valid_nc, mode):
         ys = {"loss": losses_c, "norm": jnp.full_like(losses_c, jnp.nan), "tokens": tokens_c}
         return (acc, wsum + jnp.sum(w_c)), ys
 
+    def packed_step(carry, xs):
+        acc, wsum = carry
+        chunk, _ = xs
+        token_loss, grad = _token_weighted_grad(plan.graphdef, selected, rest, chunk, plan.logits_chunk)
+        acc = plan.like_params({k: acc[k] + grad[k].astype(jnp.float32) for k in plan.layout.names})
+        return (acc, wsum + jnp.sum(chunk["token_weight"])), {"token_loss": token_loss}
+
     def chunk_step(carry, xs):
+        if plan.packed:
+            return packed_step(carry, xs)
         if plan.batched:
             return batched_step(carry, xs)
         acc, wsum = carry
@@ -293,7 +317,7 @@ class TaskExtractor:
                           options.dim, options.stride, options.seed, mesh, batch_axes,
                           self._grad_specs(model) if mesh is not None else None,
                           self._param_specs(model) if mesh is not None else None, options.logits_chunk,
-                          options.batched, sketch_method_for(mesh, options.dim))
+                          options.batched, options.packed, sketch_method_for(mesh, options.dim))
 
     def _param_specs(self, model) -> tuple[PartitionSpec, ...]:
         shardings = P.shardings(model, self.mesh)
@@ -314,18 +338,22 @@ class TaskExtractor:
             out.append(PartitionSpec(self.batch_axes or None, *spec))
         return tuple(out)
 
+    def _keys(self, batch) -> tuple[str, ...]:
+        return tuple(batch_keys(is_vl(batch))) + (("token_weight",) if self.plan.packed else ())
+
     def _device_inputs(self, batch: Mapping[str, np.ndarray], chunks: int | None = None):
         n = int(np.shape(batch["input_ids"])[0])
         c = self.micro_chunk
         chunks = max(1, -(-n // c), chunks or 0)
         pad = chunks * c - n
 
-        def lay(x):  # padding examples repeat the first (weight 0): every row stays a well-formed input
+        def lay(x, key):  # padding rows repeat the first (weight 0): every row stays a well-formed input
             x = np.asarray(x)
-            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
+            fill = np.zeros_like(x[:1]) if key == "token_weight" else x[:1]
+            x = np.concatenate([x, np.repeat(fill, pad, axis=0)]) if pad else x
             return x.reshape((chunks, c) + x.shape[1:])
 
-        host = {k: lay(batch[k]) for k in batch_keys(is_vl(batch))}
+        host = {k: lay(batch[k], k) for k in self._keys(batch)}
         valid = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]).reshape(chunks, c)
         mode = np.int32(PER_EXAMPLE_CODE[self.options.per_example])
         if self.mesh is None:
@@ -340,26 +368,34 @@ class TaskExtractor:
     def chunks_for(self, n: int) -> int:
         return max(1, -(-int(n) // self.micro_chunk))
 
+    def _fake(self, n: int, seq_len: int) -> dict[str, np.ndarray]:
+        keys = TEXT_KEYS + (("token_weight",) if self.plan.packed else ())
+        return {k: np.zeros((n, seq_len), np.float32 if k in ("loss_mask", "token_weight") else np.int32)
+                for k in keys}
+
     def lower(self, n: int, seq_len: int):
-        """The lowered task function for n examples of seq_len tokens (for memory analysis)."""
-        fake = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in TEXT_KEYS}
+        """The lowered task function for n rows of seq_len tokens (for memory analysis)."""
+        fake = self._fake(n, seq_len)
         with _mesh_context(self.mesh):
             return self._fn.lower(self.plan, self.selected, self.rest, *self._device_inputs(fake))
 
     def trace_jaxpr(self, n: int, seq_len: int):
-        """The task function's jaxpr for n examples of seq_len tokens (to inspect intermediate shapes)."""
-        fake = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in TEXT_KEYS}
+        """The task function's jaxpr for n rows of seq_len tokens (to inspect intermediate shapes)."""
+        fake = self._fake(n, seq_len)
         with _mesh_context(self.mesh):
             return jax.make_jaxpr(_task_impl, static_argnums=0)(self.plan, self.selected, self.rest,
                                                               *self._device_inputs(fake))
 
     def __call__(self, batch: Mapping[str, np.ndarray], task: str = "?", chunks: int | None = None) -> TaskResult:
-        """Extracts one task from its calibration batch dict (arrays [n, S], one example per row).
+        """Extracts one task from its calibration batch dict (arrays [n, S], one example per row; with
+        `extract.pack`, packed rows carrying batch["example_index"]: data.packing.packed_batch).
         `chunks`: pad to at least this many micro-chunks (tasks of different sizes then share a compilation;
         the padding chunks are skipped at run time)."""
-        for k in batch_keys(is_vl(batch)):
+        for k in (*batch_keys(is_vl(batch)), *(("example_index",) if self.plan.packed else ())):
             if k not in batch:
                 raise ValueError(f"task {task!r}: the batch dict has no {k!r}")
+        if self.plan.packed:
+            return self._packed_call(batch, task, chunks)
         n = int(np.shape(batch["input_ids"])[0])
         if n == 0:
             raise ValueError(f"task {task!r}: no calibration example")
@@ -376,6 +412,34 @@ class TaskExtractor:
         result = TaskResult(np.asarray(to_host(vector), np.float32), take(ys["loss"]),
                             None if self.plan.batched else take(ys["norm"]), take(ys["tokens"]),
                             take(ys["sketch"]) if "sketch" in ys else None)
+        check_result(result, task, self.options.per_example)
+        return result
+
+
+    def _packed_call(self, batch: Mapping[str, np.ndarray], task: str, chunks: int | None) -> TaskResult:
+        """The packed path: per-token weights w_e / n_e from batch["example_index"], per-example losses
+        summed back from the tokens' losses on the host."""
+        index = np.asarray(batch["example_index"])
+        supervised = (np.asarray(batch["loss_mask"]) > 0) & (index >= 0)
+        n = int(index.max()) + 1 if index.size and index.max() >= 0 else 0
+        if n == 0:
+            raise ValueError(f"task {task!r}: no calibration example")
+        tokens = np.bincount(index[supervised], minlength=n).astype(np.float32)
+        empty = np.flatnonzero(tokens == 0)
+        if empty.size:
+            raise ValueError(f"task {task!r}: calibration example(s) {empty[:5].tolist()} have no supervised "
+                             "token: their loss and gradient are undefined")
+        weight = np.ones(n, np.float32) if self.options.per_example == "mean" else tokens
+        per_token = (weight / tokens)[np.maximum(index, 0)]
+        batch = {**batch, "token_weight": np.where(supervised, per_token, 0.0).astype(np.float32)}
+        with _mesh_context(self.mesh):
+            vector, ys = self._fn(self.plan, self.selected, self.rest, *self._device_inputs(batch, chunks))
+        rows = index.shape[0]
+        token_loss = np.asarray(to_host(ys["token_loss"])).reshape((-1,) + index.shape[1:])[:rows]
+        losses = np.bincount(index[supervised], weights=token_loss[supervised], minlength=n) / tokens
+        if self.options.reduction == "full":
+            vector = np.concatenate([np.asarray(to_host(vector[k])).ravel() for k in self.layout.names])
+        result = TaskResult(np.asarray(to_host(vector), np.float32), losses.astype(np.float32), None, tokens, None)
         check_result(result, task, self.options.per_example)
         return result
 

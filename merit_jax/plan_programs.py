@@ -143,16 +143,26 @@ def eval_step(model: nnx.Module, s: TrainSettings, mesh: Mesh, images, num_tasks
     return step, (params, batch)
 
 
-def extract_step(e: ExtractSettings, max_len: int, model: nnx.Module, mesh: Mesh, images):
+PACK_FILL = 0.95  # first fit's fill of a row (data.packing.first_fit; ~95 % on the synthetic mixture)
+
+
+def extract_step(e: ExtractSettings, max_len: int, model: nnx.Module, mesh: Mesh, images, example_tokens: int = 0):
     """(the extraction's jitted task function, its abstract arguments) for one task of extract.n_calib
-    examples at the longest sequence bucket: TaskExtractor's own compiled function and plan."""
+    examples at the longest sequence bucket: TaskExtractor's own compiled function and plan. With
+    extract.pack, the task's rows are its examples' tokens (`example_tokens` each; 0: a whole bucket) over
+    PACK_FILL of a row."""
     from merit_jax import gradients as extract
     options = e.options
     names = extract.select_params(list(P.specs(model)), list(e.include), list(e.exclude))
     ex = extract.TaskExtractor(model, names, options, mesh=mesh, compiler_options=dict(e.xla_options))
-    chunks = ex.chunks_for(int(e.n_calib))
     seq = extract.seq_bucket(int(max_len))
+    rows = int(e.n_calib)
+    if options.packed and example_tokens:
+        rows = min(rows, math.ceil(rows * min(int(example_tokens), seq) / (PACK_FILL * seq)))
+    chunks = ex.chunks_for(rows)
     batch = batch_structs(mesh, ex.micro_chunk, seq, images, lead=(chunks,))
+    if options.packed:
+        batch["token_weight"] = _struct((chunks, ex.micro_chunk, seq), np.float32, mesh, (None,))
     valid = _struct((chunks, ex.micro_chunk), np.float32, mesh, (None,))
     mode = jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(mesh, PartitionSpec()))
     return ex._fn, (ex.plan, ex.selected, ex.rest, batch, valid, mode), ex

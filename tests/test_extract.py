@@ -495,6 +495,49 @@ def test_batched_gradients_give_the_per_example_paths_vectors(hf_dir, model, nam
         X.ExtractOptions(**{**base, "per_example": "unit"}, gradients="batched")
 
 
+def _examples(batch) -> list:
+    """The Examples of a right-padded batch dict (one per row)."""
+    from merit_jax.data.tokenize import Example
+    out = []
+    for i in range(len(batch["input_ids"])):
+        n = int(batch["segment_ids"][i].sum())
+        mask = np.zeros(n, bool)
+        mask[1:] = batch["loss_mask"][i, :n - 1] > 0  # a target's mask sits on the token before it
+        out.append(Example(task="t", input_ids=batch["input_ids"][i, :n], loss_mask=mask, prompt_len=1, answer=""))
+    return out
+
+
+@pytest.mark.parametrize("per_example", ["mean", "tokens"])
+def test_packed_rows_give_the_per_example_paths_vectors(hf_dir, model, names, per_example):
+    """extract.pack: a task's examples packed several to a row give the vector, losses and tokens of one
+    example per row, at 12 layers, on one device and sharded over 8."""
+    from merit_jax.data.packing import pad_batch, packed_batch
+
+    examples = _examples(random_batch(11, 16, model.config.vocab_size, seed=4))
+    padded = pad_batch(examples, 32)
+    packed, rows = packed_batch(examples, 32)
+    assert len(rows) < len(examples) and max(len(r) for r in rows) >= 2  # really packed
+    assert sorted(np.unique(packed["example_index"][packed["example_index"] >= 0])) == list(range(11))
+    base = dict(reduction="sketch", dim=512, micro_chunk=3, seed=3, per_example=per_example,
+                keep_example_sketches=False)
+    want = X.TaskExtractor(model, names, X.ExtractOptions(**base, gradients="per_example"),
+                           compiler_options=FAST)(padded, task="t")
+    options = X.ExtractOptions(**base, pack=True)
+    got = X.TaskExtractor(model, names, options, compiler_options=FAST)(packed, task="t", chunks=4)
+    np.testing.assert_allclose(got.vector, want.vector, rtol=1e-4, atol=1e-5 * np.abs(want.vector).max())
+    np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    if per_example == "mean":  # (one sharded compile suffices: the weights are the host's)
+        mesh = make_mesh(data=2, fsdp=2, tp=2)
+        sharded = X.TaskExtractor(load_model(hf_dir, mesh=mesh), names, options, mesh=mesh, compiler_options=FAST)
+        np.testing.assert_allclose(sharded(packed, task="t").vector, want.vector, rtol=1e-4,
+                                   atol=1e-5 * np.abs(want.vector).max())
+    with pytest.raises(ValueError, match="extract.pack=True packs the batched path"):
+        X.ExtractOptions(**{**base, "keep_example_sketches": True}, pack=True)
+    with pytest.raises(ValueError, match="has no 'example_index'"):
+        X.TaskExtractor(model, names, options, compiler_options=FAST)(padded, task="t")
+
+
 def test_batched_gradients_hold_no_per_example_gradient_in_memory(small_model):
     names = X.select_params(list(P.flatten(small_model)))
     p_bytes = 4 * sum(int(np.prod(np.shape(v))) for k, v in P.flatten(small_model).items() if k in names)

@@ -30,13 +30,15 @@ def deep_vl(tmp_path_factory):
     return cfg, workdir
 
 
-def _task_grads(cfg, workdir, reduction):
+def _task_grads(cfg, workdir, reduction, pack=False):
     cfg = cfg.copy_and_resolve_references()
     cfg.extract.reduction = reduction
-    wd = workdir.parent / f"{workdir.name}-{reduction}"
+    cfg.extract.pack = pack
+    wd = workdir.parent / f"{workdir.name}-{reduction}{'-packed' if pack else ''}"
     wd.mkdir(exist_ok=True)
-    (wd / "basin").symlink_to(workdir / "basin")
-    (wd / "data").symlink_to(workdir / "data")
+    for link in ("basin", "data"):
+        if not (wd / link).exists():
+            (wd / link).symlink_to(workdir / link)
     record = extract.run(cfg, wd)
     return record, np.load(wd / "extract" / "task_grads.npy")
 
@@ -53,3 +55,15 @@ def test_full_sketch_and_stride_split_a_deep_vl_model_alike(deep_vl):
         tokens = [t["train_tokens"] for t in record["tasks"]]
         groups[reduction] = {frozenset(tasks[i] for i in g) for g in split.conflict_split(grads, tokens, 1)}
     assert groups["sketch"] == groups["full"] == groups["stride"], groups
+
+
+def test_packed_rows_give_a_deep_vl_models_task_gradients(deep_vl):
+    """extract.pack: several examples (and their images) per row, kept apart by segment ids and M-RoPE
+    positions: the same task gradients as one example per row."""
+    cfg, workdir = deep_vl
+    record, want = _task_grads(cfg, workdir, "sketch")
+    packed_record, got = _task_grads(cfg, workdir, "sketch", pack=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    for a, b in zip(packed_record["tasks"], record["tasks"]):
+        assert a["calib_tokens"] == b["calib_tokens"] and a["n_calib"] == b["n_calib"]
+        assert abs(a["loss_mean"] - b["loss_mean"]) <= 1e-5 * abs(b["loss_mean"])

@@ -50,6 +50,7 @@ def _options_record(s: ExtractSettings) -> dict[str, Any]:
     options.pop("micro_chunk")  # these change memory and speed, not results
     options.pop("logits_chunk")
     options.pop("gradients")  # batched and per-example gradients give the same vectors
+    options.pop("pack")  # and so do packed rows
     return {**options, "n_calib": int(s.n_calib), "include": list(s.include), "exclude": list(s.exclude),
             "stability_reference": int(s.stability_reference)}
 
@@ -64,7 +65,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     from tqdm import tqdm
 
     from merit_jax.data.mixture import load_mixture, load_tokenizer
-    from merit_jax.data.packing import pad_batch
+    from merit_jax.data.packing import pad_batch, packed_batch
     from merit_jax.io.load import load_model
     from merit_jax.artifacts import extract_dir, write_json
 
@@ -108,7 +109,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
             options, reduction=options.example_reduction, keep_example_sketches=False), mesh=mesh,
             compiler_options=dict(s.xla_options))
         ref_chunks = ref_extractor.chunks_for(max(len(t.reference) for t in mixture.tasks.values()))
-    images, first = _calibration_images(cfg, model, mixture, with_reference)
+    images, first = _calibration_images(cfg, model, mixture, with_reference, options.packed)
     log.info("extract: %d tasks, %d parameter tensors (%d coordinates), reduction=%s -> d=%d, θ⁰=%s",
              n_tasks, len(names), extractor.layout.total, options.reduction, extractor.dim, theta)
 
@@ -144,9 +145,13 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
                 cosines[name] = {int(m): np.asarray(v) for m, v in saved["stability"].items()}
             continue
         def task_batch(examples, offset):
-            batch = pad_batch(examples, seq_bucket(max(len(ex) for ex in examples)))
-            if images is not None:  # Qwen2.5-VL: each example with its own images
-                batch = images.add(batch, [[first[name] + offset + i] for i in range(len(examples))])
+            seq_len = seq_bucket(max(len(ex) for ex in examples))
+            if options.packed:  # several examples per row (the reference never: it takes the per-example path)
+                batch, rows = packed_batch(examples, seq_len)
+            else:
+                batch, rows = pad_batch(examples, seq_len), [[i] for i in range(len(examples))]
+            if images is not None:  # Qwen2.5-VL: each row with its examples' images
+                batch = images.add(batch, [[first[name] + offset + i for i in row] for row in rows])
             return batch
 
         result = extractor(task_batch(task.calib, 0), task=name, chunks=chunks)
@@ -197,19 +202,28 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     return record
 
 
-def _calibration_images(cfg, model, mixture, with_reference: bool = False):
+def _calibration_images(cfg, model, mixture, with_reference: bool = False, packed: bool = False):
     """(RowImages over every task's calibration examples, {task: index of its first}) for a Qwen2.5-VL
-    model, sized once for all of them (one compilation per sequence bucket); (None, {}) for text models."""
+    model, sized once for all of their rows (one compilation per sequence bucket; `packed`: the rows
+    data.packing.packed_batch makes of each task's examples); (None, {}) for text models."""
+    from merit_jax.data.packing import first_fit
     from merit_jax.data.vision import row_images_for
 
     make = row_images_for(data_settings(cfg), model)
     if make is None:
         return None, {}
-    examples, first = [], {}
+    examples, first, rows = [], {}, []
     for name, task in mixture.tasks.items():
         first[name] = len(examples)
-        examples += task.calib + (task.reference if with_reference else [])
-    return make(examples).fit([[i] for i in range(len(examples))]), first
+        if packed:
+            lengths = np.array([len(ex) for ex in task.calib])
+            rows += [[first[name] + i for i in row] for row in first_fit(lengths, seq_bucket(int(lengths.max())))]
+        else:
+            rows += [[first[name] + i] for i in range(len(task.calib))]
+        reference = task.reference if with_reference else []
+        rows += [[first[name] + len(task.calib) + i] for i in range(len(reference))]
+        examples += task.calib + reference
+    return make(examples).fit(rows), first
 
 
 def _vocab_size(model) -> int:
