@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   # batched path only: pack each task's examples into rows (first fit in its sequence bucket, kept apart by
   # segment ids, as training does): the same vector without the padding's compute (docs/EXTRACT.md)
   e.pack = False
+  e.remat = ""  # the extraction's model.remat ("": model.remat); its micro-chunks may afford less recompute
   e.seed = 0  # of the sketch's hash
   e.stability_sizes = (10, 25, 50, 100, 200)  # m of the calibration-stability curve
   e.stability_draws = 20  # random m-subsets per task and m

@@ -187,6 +187,7 @@ class ExtractSettings:
     stability_draws: int = 20
     stability_reference: int = 0
     xla_options: tuple[tuple[str, Any], ...] = ()  # per-jit XLA compiler options of the task function
+    remat: str = ""  # the extraction's model.remat ("": model.remat): its micro-chunks are smaller than a step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,6 +510,8 @@ def validate(cfg, stage: str = "all", branch: int | None = None) -> None:
     if e.gradients == "batched" and (e.per_example == "unit" or e.keep_example_sketches):
         errors.append("extract.gradients='batched' gives no per-example gradients: it needs extract.per_example="
                       "mean|tokens and extract.keep_example_sketches=False")
+    if e.get("remat", "") not in ("", *REMAT):
+        errors.append(f"extract.remat={e.get('remat')!r}: expected '' (model.remat) or one of {REMAT}")
     if e.get("pack", False) and (e.gradients == "per_example" or e.per_example == "unit" or e.keep_example_sketches):
         errors.append("extract.pack=True packs the batched path's rows: it needs extract.gradients=auto|batched, "
                       "extract.per_example=mean|tokens and extract.keep_example_sketches=False")

@@ -17,6 +17,7 @@ its bytes and what to change.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -81,11 +82,17 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
     except ValueError as e:
         raise PlanError(f"{topo.name} ({topo.chips} chips): {e}") from None
     size = run_size(st, tokens, tasks, workdir)
-    model = pp.abstract_model(hf_config_of(st), s, mesh, f"{st.model.hf_path or 'model.tiny'}/config.json")
+    source = f"{st.model.hf_path or 'model.tiny'}/config.json"
+    model = pp.abstract_model(hf_config_of(st), s, mesh, source)
+    extract_model = model  # the extraction's own remat (extract.remat), where it differs
+    if st.extract.remat and st.extract.remat != s.remat and {"extract_step", "fwd_bwd_step"} & set(programs):
+        extract_model = pp.abstract_model(hf_config_of(st), dataclasses.replace(s, remat=st.extract.remat), mesh,
+                                          source)
     interpret = attention.INTERPRET
     attention.INTERPRET = None if not topo.is_tpu else False  # splash: the real kernel for a TPU, not interpreted
     try:
-        out = {name: compile_program(name, st, model, mesh, topo, size["tasks"]) for name in programs}
+        out = {name: compile_program(name, st, extract_model if name in ("extract_step", "fwd_bwd_step") else model,
+                                     mesh, topo, size["tasks"]) for name in programs}
     finally:
         attention.INTERPRET = interpret
     record = {"topology": topo.name, "chips": topo.chips, "hbm_bytes_per_chip": topo.chip and topo.chip.hbm_bytes,

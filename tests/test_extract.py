@@ -320,6 +320,11 @@ def test_input_errors():
         X.ExtractOptions(reduction="pca")
     with pytest.raises(ValueError, match="extract.per_example"):
         X.ExtractOptions(per_example="median")
+    from merit_jax import config
+    cfg = get_config()
+    cfg.extract.update(remat="some", pack=True)  # and the default keeps per-example sketches
+    with pytest.raises(ValueError, match=r"extract.remat='some'.*; extract.pack=True packs the batched path"):
+        config.validate(cfg)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     theta = theta0_of(cfg, workdir)
     mesh = mesh_for(cfg)
     m = config.model_settings(cfg)
-    model = load_model(theta, mesh=mesh, dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+    model = load_model(theta, mesh=mesh, dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=s.remat or m.remat,
                        attention=m.attention, scan_layers=m.scan_layers, max_segments=m.max_segments)
     tokenizer = load_tokenizer(data_settings(cfg))
     mixture = load_mixture(data_settings(cfg), tokenizer, workdir)
