@@ -175,8 +175,8 @@ def run_size(st: Settings, tokens: int | None, tasks: int | None, workdir=None) 
     if tokens is None and tasks is None and _data_at_hand(st):
         return _size_from_data(st, s, k, workdir)
     defaults = st.plan
-    tokens = tokens if tokens is not None else int(defaults.get("tokens", 0)) or None
-    tasks = tasks if tasks is not None else int(defaults.get("tasks", 0)) or None
+    tokens = tokens if tokens is not None else int(defaults.tokens) or None
+    tasks = tasks if tasks is not None else int(defaults.tasks) or None
     if tokens is None or tasks is None:
         raise PlanError("no data at hand to project the run from: pass --tokens N (training tokens of the "
                         "mixture, one epoch) and --tasks T (or set plan.tokens / plan.tasks in the config)")
