@@ -42,8 +42,8 @@ ROWS = {
                 ["--tokens", "200000000", "--tasks", "64"]),
     "vl3b-2048": ("configs/qwen2_5_vl_3b.py", "Qwen2.5-VL-3B-Instruct", "v5p-8", {}, ALL,
                   ["--tokens", "120000000", "--tasks", "136"]),  # the paper's 136 Vision-FLAN tasks
-    # plan.* of the config; its train step as configured (16 rows per chip) needs 110 GiB per chip: 2 micro-batches
-    "vl7b-2048": ("configs/qwen2_5_vl_7b.py", "Qwen2.5-VL-7B-Instruct", "v5p-16", {"train.grad_accum": 2}, ALL, []),
+    # plan.* of the config, as configured (splash, remat dots, 2 micro-batches: docs/SCALE.md "Qwen2.5-VL-7B on v5p-16")
+    "vl7b-2048": ("configs/qwen2_5_vl_7b.py", "Qwen2.5-VL-7B-Instruct", "v5p-16", {}, ALL, []),
     # the extraction at the bucket of the mixture's typical example (~600 tokens: 768), not the longest one
     "vl7b-768": ("configs/qwen2_5_vl_7b.py", "Qwen2.5-VL-7B-Instruct", "v5p-16", {"data.max_len": 768},
                  "extract_step,fwd_bwd_step", []),

@@ -27,6 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_root = "data/vl_mixture/images"
     c.split.depth = 2  # K = 4 groups: the paper's 2-D split for the 7B VL run
     c.train.learning_rate = 1e-5  # the LLaVA recipe's 2e-5 halved for the larger model
+    # Fitting v5p-16 (8 chips, fsdp 8, 95 GiB each) at the image budget (4 images of 512 tokens per row of 2048):
+    # splash attention (the language model's and the vision tower's: no T x S scores) and 2 micro-batches of
+    # 8 rows per chip, so remat can save the matmul outputs (dots) instead of recomputing each layer (full).
+    # The plan (deviceless, docs/SCALE.md "Qwen2.5-VL-7B on v5p-16"): 74.54 GiB per chip, MFU bound 0.59, 1639
+    # TFLOP per chip; splash with remat full, 16 rows: 37.93 GiB, 0.57, 1942 TFLOP; the VL-3B config's XLA
+    # attention and remat full: 57.19 GiB. The extraction step: 24.60 GiB per chip. Splash is TPU-only
+    # (interpreted, slowly, elsewhere): xla or cudnn on GPUs.
+    c.model.attention = "splash"
+    c.model.remat = "dots"
+    c.train.grad_accum = 2  # the global batch stays 128 rows
     # The run's size for `merit_jax.plan` while the mixture is not at hand: 176 sources, 1.6M examples of
     # ~600 tokens (<= 512 image tokens at data.image_max_pixels plus the text): an estimate, the data's own
     # count replaces it as soon as data.path exists.

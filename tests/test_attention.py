@@ -114,3 +114,36 @@ def test_qwen2_5_vl_with_splash_equals_xla(tmp_path, monkeypatch):
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-4)
     assert {"splash_attention", "splash_segments"} <= set(calls), calls
+
+
+def test_qwen2_5_vl_per_row_images_with_splash_under_a_mesh_equal_xla(tmp_path, monkeypatch):
+    """Per-row images (the vision tower under the vmap over rows, as the trainer runs it) on a (fsdp 2, tp 2)
+    mesh: the tower's kernel runs per shard (shard_map, each shard's own rows, heads over tp); image features
+    equal the unsharded XLA path's."""
+    from merit_jax.models.vision_layout import stacked_layouts
+    from tests import vl_fixtures as F
+
+    F.tiny_vl(tmp_path / "vl")
+    monkeypatch.setitem(F.GRIDS, "big", (1, 16, 16))  # one 256-patch segment in the full-attention blocks
+    images = [F.pixels(g, seed=i) for i, g in enumerate([["big"], ["big", "square"]])]
+    want_model = load_model(tmp_path / "vl")
+    layout = jax.tree.map(jnp.asarray, stacked_layouts([grid for _, grid in images], want_model.vl_config.vision))
+    n = layout.patch_order.shape[1]
+    pv = jnp.asarray(np.stack([np.pad(p, ((0, n - len(p)), (0, 0))) for p, _ in images]))
+    rows = [F.prompt(2, "big", 3, seed=1), F.prompt(2, "big", 1, "square", 2, seed=2)]
+    ids = jnp.asarray([r + [0] * (max(map(len, rows)) - len(r)) for r in rows])
+
+    def embed(model):
+        graphdef, state = nnx.split(model)
+        return np.asarray(jax.jit(lambda st: nnx.merge(graphdef, st).embed(ids, pv, vision_layout=layout))(state))
+
+    want = embed(want_model)
+    calls = []
+    real_fn = A.splash_segments
+    monkeypatch.setattr(A, "splash_segments", lambda *a: (calls.append(1), real_fn(*a))[1])
+    mesh = make_mesh(data=1, fsdp=2, tp=2, devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        assert A.row_axes(2) == ("fsdp",)
+        got = embed(load_model(tmp_path / "vl", mesh=mesh, attention="splash"))
+    assert calls  # the full-attention blocks took the kernel
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -83,6 +83,24 @@ def test_tiny_vl_model_plans_its_image_rows():
     assert "branch 1" in plan.format_plan(record) and len(record["run"]["branches"]) == 2
 
 
+def test_tiny_vl_model_with_splash_attention_compiles_for_a_tpu_slice():
+    """The Pallas kernel cannot be partitioned by XLA: under a mesh both the language model's and the vision
+    tower's segments (per-row images under the vmap over rows) run it per shard; here on 4 chips (fsdp 4)."""
+    from configs import tiny_vl
+
+    cfg = tiny_vl.get_config()
+    # 224 x 224 px images: 256 patches, one 256-long segment per image in the full-attention blocks (a multiple
+    # of the kernel's 128), 2 images per row of 128 tokens
+    for key, value in {"train.xla_options": {}, "model.compute_dtype": "bfloat16", "model.remat": "full",
+                       "model.scan_layers": True, "model.attention": "splash",
+                       "data.image_max_pixels": 28 * 28 * 64}.items():
+        set_key(cfg, key, value)
+    record = plan.plan(cfg, "v5p-8", programs=("train_step", "extract_step"), tokens=100_000, tasks=4)
+    check_programs(record, ("train_step", "extract_step"))
+    assert record["programs"]["train_step"]["images_per_row"] == 2
+    assert record["programs"]["train_step"]["kernel_flops"] > 0
+
+
 def test_dot_flops_count_scans_by_their_trip_counts():
     def f(x, w):
         y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)
@@ -157,6 +175,16 @@ def test_plan_bytes_on_cpu_equal_the_trainers_and_extractors_own_compiles():
             m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes), name
 
 
+def test_the_run_size_comes_from_the_configs_plan_without_data_or_flags():
+    from configs import qwen2_5_vl_7b
+
+    cfg = qwen2_5_vl_7b.get_config()
+    cfg.data.path = str(REPO / "no-such-mixture")
+    size = plan.run_size(config.settings(cfg), None, None)
+    assert (size["source"], size["tasks"], size["tokens"]) == ("flags", 176, 1_600_000 * 600)
+    assert size["joint_steps"] == math.ceil(1_600_000 * 600 / (cfg.train.batch_size * cfg.train.seq_len))
+
+
 def test_topology_names_as_cloud_tpu_writes_them():
     assert [(hardware.topology(n).chips, hardware.topology(n).topology_name) for n in ("v5p-8", "v5p-128", "v5e-8", "v4-8")] \
         == [(4, "v5p:2x2x1"), (64, "v5p:4x4x4"), (8, "v5e:2x4"), (4, "v4:2x2x1")]
@@ -185,18 +213,3 @@ def test_shipped_architectures_are_the_public_models(name):
     n = sum(math.prod(shape) for shape, _ in P.specs(nnx.eval_shape(model_factory(hf, str(path)))).values())
     assert round(n / 1e9, 3) == ARCH[name]
 
-
-def test_run_size_from_the_configs_plan_keys():
-    """No data at hand and no --tokens/--tasks: the run is sized by plan.tokens / plan.tasks (as the VL-7B
-    config ships them); missing both is a clear error."""
-    from configs import qwen2_5_vl_7b
-
-    cfg = qwen2_5_vl_7b.get_config()
-    cfg.model.hf_path = "configs/arch/Qwen2.5-VL-7B-Instruct"
-    st = config.settings(cfg)
-    size = plan.run_size(st, None, None)
-    assert (size["source"], size["tasks"], size["tokens"]) == ("flags", 176, 1_600_000 * 600)
-    assert size["joint_steps"] == math.ceil(1_600_000 * 600 / (cfg.train.batch_size * cfg.train.seq_len))
-    cfg.plan.update(tokens=0, tasks=0)
-    with pytest.raises(plan.PlanError, match="pass --tokens N"):
-        plan.run_size(config.settings(cfg), None, None)

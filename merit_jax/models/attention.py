@@ -77,11 +77,14 @@ def _interpret() -> bool:
 
 def splash_segments(q_slnh: jax.Array, k_slnh: jax.Array, v_slnh: jax.Array, piece_sl: jax.Array) -> jax.Array:
     """Bidirectional attention inside pieces of each of S rows (the vision tower's frames and windows:
-    merit_jax.models.vision_layout.SegmentGather), [S, L, N, H] in and out; L a multiple of 128."""
+    merit_jax.models.vision_layout.SegmentGather), [S, L, N, H] in and out; L a multiple of 128.
+
+    Under a mesh the kernel runs per shard (`jax.shard_map`; XLA cannot partition a Pallas call): heads over
+    tp; the rows of a batch come sharded through the vmap over rows (`row_axes`, its spmd_axis_name)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     s, length, n, h = q_slnh.shape
-    kernel = _kernel(length, n, _interpret(), causal=False)
+    kernel = _kernel(length, n // _heads_split(n), _interpret(), causal=False)
     scale = 1.0 / np.sqrt(h)
 
     def row(q_lnh, k_lnh, v_lnh, piece_l):
@@ -89,7 +92,32 @@ def splash_segments(q_slnh: jax.Array, k_slnh: jax.Array, v_slnh: jax.Array, pie
         q = (q_lnh * scale).astype(q_lnh.dtype).transpose(1, 0, 2)
         return kernel(q, k_lnh.transpose(1, 0, 2), v_lnh.transpose(1, 0, 2), segment_ids=ids).transpose(1, 0, 2)
 
-    return jax.vmap(row)(q_slnh, k_slnh, v_slnh, piece_sl.astype(jnp.int32))
+    local = lambda q, k, v, piece: jax.vmap(row)(q, k, v, piece)
+    piece_sl = piece_sl.astype(jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or all(size == 1 for size in mesh.shape.values()):
+        return local(q_slnh, k_slnh, v_slnh, piece_sl)
+    qkv = P(None, None, "tp" if _heads_split(n) > 1 else None, None)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P()), out_specs=qkv, check_vma=False)
+    return fn(q_slnh, k_slnh, v_slnh, piece_sl)
+
+
+def _heads_split(n: int) -> int:
+    """Shards of n attention heads under the current mesh: its tp axis when it divides them, else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    tp = 1 if mesh is None or mesh.empty else mesh.shape.get("tp", 1)
+    return tp if n % tp == 0 else 1
+
+
+def row_axes(rows: int) -> tuple[str, ...] | None:
+    """The mesh axes a batch of `rows` rows is sharded over under the current mesh (for a jax.vmap over rows'
+    spmd_axis_name, so that a kernel inside runs on each shard's own rows), or None (no mesh, or rows that
+    do not divide)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape.get(a, 1) > 1)
+    return axes if axes and rows % int(np.prod([mesh.shape[a] for a in axes])) == 0 else None
 
 
 def _local(q_btnh, k_btkh, v_btkh, seg_bt, interpret: bool):

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from merit_jax.models.attention import row_axes
 from merit_jax.models.config import ModelConfig
 from merit_jax.models.generate import _init_caches, _sample, _with_index
 from merit_jax.models.mrope import image_token_index, mrope_cos_sin, mrope_positions
@@ -161,7 +162,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             vision_layout = vision_layout_for(self, _concrete(image_grid_thw, "image_grid_thw"))
         pixel_values = jnp.asarray(pixel_values)
         if pixel_values.ndim == 3:  # per-row images [B, P, D], a stacked layout: each row picks its own
-            feats_bud = jax.vmap(self.visual)(pixel_values, vision_layout).astype(x_btd.dtype)
+            # splash attention in the tower runs per shard: the vmap says which mesh axes hold the rows
+            spmd = row_axes(pixel_values.shape[0]) if self.policy.attention == "splash" else None
+            feats_bud = jax.vmap(self.visual, spmd_axis_name=spmd)(pixel_values, vision_layout).astype(x_btd.dtype)
             is_image = input_ids == self.vl_config.image_token_id
             if valid_bt is not None:
                 is_image &= valid_bt
