@@ -7,8 +7,15 @@ printed as markdown.
     python bench/plan_tables.py --only 3b-2048 --programs extract_step,fwd_bwd_step
     python bench/plan_tables.py --list               # the rows and the command each runs
     python bench/plan_tables.py --from-json DIR      # the tables again from the JSON a run left in DIR
+    python bench/plan_tables.py --only train- --json-dir bench/plan_results   # the train-step table (12 rows)
+    python bench/plan_tables.py --only train- --from-json bench/plan_results  # ... printed from its JSON
 
-Three tables: every program's numbers; the extraction step against a plain forward+backward of its
+The `train-*` rows (docs/SCALE.md "Train step: 3B and 7B on v5p-8/16/32") are the text models' train step with
+splash attention, 4 rows per chip, at seq 2048 and 4096 on v5p-8 / 16 / 32: a table of their own. Each run
+also records, under "host" in its JSON, this machine's 1-minute load average while the row compiled (sampled
+every 5 s) and the process's wall seconds: compile times mean little without it.
+
+Three tables for the other rows: every program's numbers; the extraction step against a plain forward+backward of its
 micro-chunk run as many times (the same tokens; `vs_fwd_bwd` of the plan's JSON); and the whole extraction
 projected against one joint epoch on the same slice (the run's training steps at the train step's roofline,
 held-out evals left out). Roofline times are XLA's cost model, a lower bound, not a measured speed; compile
@@ -49,6 +56,21 @@ ROWS = {
                  "extract_step,fwd_bwd_step", []),
 }
 
+# The text models' train step at scale: splash attention (the TPU path; no [T, S] scores), 4 rows per chip,
+# seq 2048 and 4096, on v5p-8 / v5p-16 / v5p-32 (4 / 8 / 16 chips, FSDP over all of them).
+TRAIN_CHIPS = {"v5p-8": 4, "v5p-16": 8, "v5p-32": 16}
+TRAIN_ROWS_PER_CHIP = 4
+TEXT_MODELS = {"3b": ("configs/qwen2_5_3b.py", "Qwen2.5-3B-Instruct"),
+               "7b": ("configs/qwen2_5_7b.py", "Qwen2.5-7B-Instruct")}
+for _topology, _chips in TRAIN_CHIPS.items():
+    for _size, (_config, _arch) in TEXT_MODELS.items():
+        for _seq in (2048, 4096):
+            ROWS[f"train-{_size}-{_topology.replace('-', '')}-{_seq}"] = (
+                _config, _arch, _topology,
+                {"model.attention": "splash", "train.seq_len": _seq, "data.max_len": _seq,
+                 "train.batch_size": TRAIN_ROWS_PER_CHIP * _chips},
+                "train_step", ["--tokens", "200000000", "--tasks", "64"])
+
 
 def command(name: str, json_path: pathlib.Path, programs: str | None = None) -> list[str]:
     config, arch, topology, overrides, default_programs, size = ROWS[name]
@@ -63,13 +85,26 @@ def run(name: str, json_dir: pathlib.Path, programs: str | None) -> dict | None:
     print(f"[{name}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     start = time.time()
     env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    print(f"[{name}] exit {proc.returncode} after {time.time() - start:.0f} s (load {os.getloadavg()[0]:.1f})",
-          file=sys.stderr, flush=True)
+    path.unlink(missing_ok=True)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        loads = [os.getloadavg()[0]]
+        while proc.poll() is None:
+            time.sleep(5)
+            loads.append(os.getloadavg()[0])
+        err.seek(0)
+        stderr = err.read()
+    wall = time.time() - start
+    host = {"load_mean": sum(loads) / len(loads), "load_max": max(loads), "wall_s": wall}
+    print(f"[{name}] exit {proc.returncode} after {wall:.0f} s (load {host['load_mean']:.1f}, max "
+          f"{host['load_max']:.1f})", file=sys.stderr, flush=True)
     if not path.is_file():
-        print(proc.stderr[-3000:], file=sys.stderr)
+        print(stderr[-3000:], file=sys.stderr)
         return None
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    record["host"] = host
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def _gib(n):
@@ -84,6 +119,31 @@ def _time(sec):
     if sec is None:
         return "n/a"
     return f"{sec / 3600:.2f} h" if sec >= 3600 else f"{sec / 60:.1f} min" if sec >= 60 else f"{sec:.3g} s"
+
+
+def train_table(records: dict[str, dict]) -> str:
+    """The train-* rows: one line per (model, topology, seq), the train step's numbers and the compile's load."""
+    out = ["| model | topology | seq | rows/chip | args GiB | temp GiB | total GiB | fits | TFLOP/chip | roofline s | "
+           "tokens/step | MFU bound | compile s | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rec in records.items():
+        p, (_, arch, _, overrides, _, _) = rec["programs"]["train_step"], ROWS[name]
+        fits = "-" if p["fits"] is None else "yes" if p["fits"] else "**no**"
+        roof = "-" if p["roofline_s"] is None else f"{p['roofline_s']:.4g}"
+        mfu = "-" if p["mfu_bound"] is None else f"{p['mfu_bound']:.2f}"
+        compile_s = f"{p['compile_s']:.0f}" + (f" (+{p['cost_compile_s']:.0f})" if p.get("cost_compile_s") else "")
+        host = rec.get("host")
+        load = "-" if host is None else f"{host['load_mean']:.1f} (max {host['load_max']:.1f})"
+        out.append(f"| {arch.removesuffix('-Instruct')} | {rec['topology']} | {overrides['train.seq_len']} | "
+                   f"{p['rows_per_chip']:g} | {_gib(p['argument_bytes'])} | {_gib(p['temp_bytes'])} | "
+                   f"{_gib(p['total_bytes'])} | {fits} | {p['flops'] / 1e12:.1f} | {roof} | {p['tokens']:,} | {mfu} | "
+                   f"{compile_s} | {load} |")
+    return "\n".join(out)
+
+
+def all_tables(records: dict[str, dict]) -> str:
+    train = {n: r for n, r in records.items() if n.startswith("train-")}
+    other = {n: r for n, r in records.items() if n not in train}
+    return "\n\n".join(([tables(other)] if other else []) + ([train_table(train)] if train else []))
 
 
 def tables(records: dict[str, dict]) -> str:
@@ -133,9 +193,10 @@ def main() -> int:
     wanted = [w for w in args.only.split(",") if w]
     names = [n for n in ROWS if not wanted or any(w in n for w in wanted)]
     if args.from_json:
-        found = {p.stem: p for p in pathlib.Path(args.from_json).glob("*.json")}
-        records = {n: json.loads(found[n].read_text()) for n in names if n in found}
-        print(tables(records))
+        records = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(args.from_json).glob("*.json"))
+                   if p.stem in names}
+        records = {n: records[n] for n in names if n in records}
+        print(all_tables(records))
         return 0
     if args.list:
         for n in names:
@@ -148,7 +209,7 @@ def main() -> int:
         rec = run(n, json_dir, args.programs)
         if rec is not None:
             records[n] = rec
-    print(tables(records))
+    print(all_tables(records))
     print(f"\n(JSON in {json_dir})", file=sys.stderr)
     return 0 if len(records) == len(names) else 1
 
