@@ -369,7 +369,7 @@ class TaskExtractor:
         return max(1, -(-int(n) // self.micro_chunk))
 
     def _fake(self, n: int, seq_len: int) -> dict[str, np.ndarray]:
-        keys = TEXT_KEYS + (("token_weight",) if self.plan.packed else ())
+        keys = (*TEXT_KEYS, *(("token_weight",) if self.plan.packed else ()))
         return {k: np.zeros((n, seq_len), np.float32 if k in ("loss_mask", "token_weight") else np.int32)
                 for k in keys}
 
