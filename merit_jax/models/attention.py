@@ -16,9 +16,9 @@ The kernel needs sequence lengths that are multiples of 128 (its block size); sh
 without a TPU the kernel runs through Pallas' interpreter (tests: slow, exact); `INTERPRET` says which, and a
 deviceless TPU compile (merit_jax.plan) sets it False.
 
-cuDNN takes packed rows as ragged offsets: each row's segments (runs of one nonzero segment id) become its
-start offsets and lengths, padded to a static number of segments per row (`CUDNN_MAX_SEGMENTS`), and the kernel
-attends causally inside each one (a flash kernel: no scores, no mask in memory). Handing cuDNN a dense [T, S]
+cuDNN takes packed rows as ragged offsets: each row's runs of one segment id (its padding one too) become
+start offsets and lengths, padded to a static number per row (`model.max_segments`), and the kernel attends
+causally inside each one (a flash kernel: no scores, no mask in memory). Handing cuDNN a dense [T, S]
 mask instead would turn it into a [B, 1, T, S] bias, and MaxText's cudnn flash path, which drops segment ids,
 attends across packed examples: both avoided here. A row with more segments than that bound cannot be
 expressed: its outputs become NaN (a loud loss, never a silent wrong one); raise the bound.
@@ -38,7 +38,6 @@ from merit_jax.sharding import LOGICAL_RULES
 BLOCK = 128  # the kernel's lane width: sequence lengths and blocks are multiples of it
 MAX_BLOCK = 512
 INTERPRET: bool | None = None  # None: interpret unless the default backend is a TPU
-CUDNN_MAX_SEGMENTS = 16  # packed examples per row the cuDNN path tells apart (static: the offsets' shape)
 
 
 def dense_mask(segment_ids_bt: jax.Array) -> jax.Array:
@@ -175,14 +174,14 @@ def segment_runs(segment_ids_bt: jax.Array, max_segments: int) -> tuple[jax.Arra
 
 
 def cudnn_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_ids_bt: jax.Array,
-                    max_segments: int | None = None) -> jax.Array:
+                    max_segments: int = 16) -> jax.Array:
     """softmax(q kᵀ / √h + causal-within-segment mask) v, [B, T, N, H] out, through cuDNN's fused kernel with
     packed rows as ragged offsets; q, k, v in bf16 or fp16. Padding (segment 0) attends among itself, as in
     `splash_attention`."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as fused
 
-    starts, lengths, overflow = segment_runs(segment_ids_bt, max_segments or CUDNN_MAX_SEGMENTS)
+    starts, lengths, overflow = segment_runs(segment_ids_bt, max_segments)
     out = fused(q_btnh, k_btkh, v_btkh, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts,
                 scale=float(1.0 / np.sqrt(q_btnh.shape[-1])), mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
     return jnp.where(overflow, jnp.asarray(jnp.nan, out.dtype), out)
