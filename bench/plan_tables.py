@@ -7,8 +7,9 @@ printed as markdown.
     python bench/plan_tables.py --only 3b-2048 --programs extract_step,fwd_bwd_step
     python bench/plan_tables.py --list               # the rows and the command each runs
     python bench/plan_tables.py --from-json DIR      # the tables again from the JSON a run left in DIR
-    python bench/plan_tables.py --only train- --json-dir bench/plan_results   # the train-step table (12 rows)
-    python bench/plan_tables.py --only train- --from-json bench/plan_results  # ... printed from its JSON
+    python bench/plan_tables.py --only train-3b,train-7b --json-dir bench/plan_results   # the train-step table (12 rows)
+    python bench/plan_tables.py --only train-3b,train-7b --from-json bench/plan_results  # ... printed from its JSON
+    python bench/plan_tables.py --only train-vl --json-dir bench/plan_results  # the VL train-step table (12 rows)
 
 The `train-*` rows (docs/SCALE.md "Train step: 3B and 7B on v5p-8/16/32") are the text models' train step with
 splash attention, 4 rows per chip, at seq 2048 and 4096 on v5p-8 / 16 / 32: a table of their own. Each run
@@ -71,6 +72,21 @@ for _topology, _chips in TRAIN_CHIPS.items():
                  "train.batch_size": TRAIN_ROWS_PER_CHIP * _chips},
                 "train_step", ["--tokens", "200000000", "--tasks", "64"])
 
+# The same for Qwen2.5-VL (docs/SCALE.md "Train step: Qwen2.5-VL-3B and VL-7B on v5p-8/16/32"): splash, 4 rows per
+# chip, the image budget per row sized by the plan from the sequence (data.image_max_pixels images that fit it).
+# VL-3B keeps its config otherwise (remat full); VL-7B its own (splash, remat dots, train.grad_accum=2: 2
+# micro-batches of 2 rows per chip). Run sizes: the vl3b-2048 row's flags; VL-7B its config's plan.*.
+VL_MODELS = {"vl3b": ("configs/qwen2_5_vl_3b.py", "Qwen2.5-VL-3B-Instruct", ["--tokens", "120000000", "--tasks", "136"]),
+             "vl7b": ("configs/qwen2_5_vl_7b.py", "Qwen2.5-VL-7B-Instruct", [])}
+for _topology, _chips in TRAIN_CHIPS.items():
+    for _size, (_config, _arch, _run_size) in VL_MODELS.items():
+        for _seq in (2048, 4096):
+            ROWS[f"train-{_size}-{_topology.replace('-', '')}-{_seq}"] = (
+                _config, _arch, _topology,
+                {"model.attention": "splash", "train.seq_len": _seq, "data.max_len": _seq,
+                 "train.batch_size": TRAIN_ROWS_PER_CHIP * _chips},
+                "train_step", _run_size)
+
 
 def command(name: str, json_path: pathlib.Path, programs: str | None = None) -> list[str]:
     config, arch, topology, overrides, default_programs, size = ROWS[name]
@@ -123,8 +139,10 @@ def _time(sec):
 
 def train_table(records: dict[str, dict]) -> str:
     """The train-* rows: one line per (model, topology, seq), the train step's numbers and the compile's load."""
-    out = ["| model | topology | seq | rows/chip | args GiB | temp GiB | total GiB | fits | TFLOP/chip | roofline s | "
-           "tokens/step | MFU bound | compile s | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    vl = any("images_per_row" in r["programs"]["train_step"] for r in records.values())  # + images per row
+    out = ["| model | topology | seq | rows/chip | " + ("images/row | " if vl else "") + "args GiB | temp GiB | "
+           "total GiB | fits | TFLOP/chip | roofline s | tokens/step | MFU bound | compile s | load |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if vl else "")]
     for name, rec in records.items():
         p, (_, arch, _, overrides, _, _) = rec["programs"]["train_step"], ROWS[name]
         fits = "-" if p["fits"] is None else "yes" if p["fits"] else "**no**"
@@ -134,7 +152,8 @@ def train_table(records: dict[str, dict]) -> str:
         host = rec.get("host")
         load = "-" if host is None else f"{host['load_mean']:.1f} (max {host['load_max']:.1f})"
         out.append(f"| {arch.removesuffix('-Instruct')} | {rec['topology']} | {overrides['train.seq_len']} | "
-                   f"{p['rows_per_chip']:g} | {_gib(p['argument_bytes'])} | {_gib(p['temp_bytes'])} | "
+                   f"{p['rows_per_chip']:g} | " + (f"{p.get('images_per_row', '-')} | " if vl else "") +
+                   f"{_gib(p['argument_bytes'])} | {_gib(p['temp_bytes'])} | "
                    f"{_gib(p['total_bytes'])} | {fits} | {p['flops'] / 1e12:.1f} | {roof} | {p['tokens']:,} | {mfu} | "
                    f"{compile_s} | {load} |")
     return "\n".join(out)
