@@ -209,7 +209,8 @@ def attention_speed(smoke: bool):
     return out
 
 
-def model_flops(hf: dict, rows: int, seq: int) -> float:
+def model_flops(hf: dict, rows: int, seq: int) -> tuple[float, int]:
+    """(model flops of one step, matmul parameters)."""
     d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
     n, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     h = d // n

@@ -83,11 +83,11 @@ def plan(cfg, topology: str, programs=PROGRAMS, tokens: int | None = None, tasks
         raise PlanError(f"{topo.name} ({topo.chips} chips): {e}") from None
     size = run_size(st, tokens, tasks, workdir)
     source = f"{st.model.hf_path or 'model.tiny'}/config.json"
-    model = pp.abstract_model(hf_config_of(st), s, mesh, source)
+    hf = hf_config_of(st)  # (the random tiny model's reads the tokenizer: once)
+    model = pp.abstract_model(hf, s, mesh, source)
     extract_model = model  # the extraction's own remat (extract.remat), where it differs
     if st.extract.remat and st.extract.remat != s.remat and {"extract_step", "fwd_bwd_step"} & set(programs):
-        extract_model = pp.abstract_model(hf_config_of(st), dataclasses.replace(s, remat=st.extract.remat), mesh,
-                                          source)
+        extract_model = pp.abstract_model(hf, dataclasses.replace(s, remat=st.extract.remat), mesh, source)
     interpret = attention.INTERPRET
     attention.INTERPRET = None if not topo.is_tpu else False  # splash: the real kernel for a TPU, not interpreted
     try:
