@@ -181,8 +181,12 @@ def sketch_vector(flat: Mapping[str, jax.Array], layout: Layout, d: int, seed, m
     if method == "matmul" and d % MATMUL_LANES:
         raise ValueError(f"the matmul sketch needs extract.dim a multiple of {MATMUL_LANES}, got {d}")
     out = jnp.zeros((d,), jnp.float32)
-    for name, shape in zip(layout.names, layout.shapes):
-        bucket, sign = hash_buckets(shape, tensor_key(seed, name), d)
+    for i, (name, shape) in enumerate(zip(layout.names, layout.shapes)):
+        key = tensor_key(seed, name)
+        if i:  # one tensor at a time: the hashes depend on shapes only, and unchained XLA computed many
+            # tensors' buckets at once (4 bytes a coordinate, 2x the gradient at 3B widths on a TPU)
+            out, key = jax.lax.optimization_barrier((out, key))
+        bucket, sign = hash_buckets(shape, key, d)
         values = sign * flat[name].astype(jnp.float32)
         # the tensor's own shape, not raveled: raveling a tensor sharded along a minor axis would gather it
         # whole onto every device; unraveled, each device sums its own shard and the [d] partials are added
