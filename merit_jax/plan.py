@@ -189,7 +189,10 @@ def run_size(st: Settings, tokens: int | None, tasks: int | None, workdir=None) 
     if tokens is None or tasks is None:
         raise PlanError("no data at hand to project the run from: pass --tokens N (training tokens of the "
                         "mixture, one epoch) and --tasks T (or set plan.tokens / plan.tasks in the config)")
-    per_row = s.batch_size * s.seq_len
+    # the training rows are packed first fit (data.packing.plan_rows) as the extraction's are (extract_step):
+    # at the same fill, so that the two sides of "extraction / joint training" count tokens alike
+    from merit_jax.plan_programs import PACK_FILL
+    per_row = s.batch_size * s.seq_len * PACK_FILL
     joint = math.ceil(tokens * s.epochs / per_row)
     heldout = int(st.data.heldout_max)
     groups = [{"tasks": tasks / k, "steps": math.ceil(joint / k), "heldout": math.ceil(tasks / k) * heldout}

@@ -22,6 +22,7 @@ from merit_jax import hardware, plan
 from merit_jax.config import mesh_for
 from merit_jax.training.feed import to_global
 from merit_jax.training.step import SplitModel, build_step_functions
+from merit_jax import plan_programs as pp
 from merit_jax.plan_programs import dot_flops
 from tests.test_train_utils import REPO, make_config, random_params, set_key
 
@@ -182,7 +183,23 @@ def test_the_run_size_comes_from_the_configs_plan_without_data_or_flags():
     cfg.data.path = str(REPO / "no-such-mixture")
     size = plan.run_size(config.settings(cfg), None, None)
     assert (size["source"], size["tasks"], size["tokens"]) == ("flags", 176, 1_600_000 * 600)
-    assert size["joint_steps"] == math.ceil(1_600_000 * 600 / (cfg.train.batch_size * cfg.train.seq_len))
+    # rows filled as the extraction's (PACK_FILL), not densely: both sides of the overhead count tokens alike
+    per_step = cfg.train.batch_size * cfg.train.seq_len * pp.PACK_FILL
+    assert 0.9 < pp.PACK_FILL < 1 and size["joint_steps"] == math.ceil(1_600_000 * 600 / per_step)
+
+
+def test_the_plans_row_fill_is_what_the_packer_gives():
+    """PACK_FILL (the rows' fill the plan assumes for training and packed extraction alike) against the
+    project's own packer on examples of ~600 tokens in rows of 2048: a whole run's rows (plan_rows) and one
+    task's 200 calibration examples (first_fit)."""
+    from merit_jax.data.packing import first_fit, plan_rows
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(300, 901, 20_000)
+    rows = plan_rows(lengths, seq_len=2048, batch_size=8, seed=0, num_epochs=1.0)
+    task = [lengths[i:i + 200] for i in range(0, 4000, 200)]
+    task_fill = np.mean([t.sum() / (2048 * len(first_fit(t, 2048))) for t in task])
+    assert abs(lengths.sum() / (2048 * len(rows)) - pp.PACK_FILL) < 0.02 and abs(task_fill - pp.PACK_FILL) < 0.02
 
 
 def test_topology_names_as_cloud_tpu_writes_them():
