@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   # segment ids, as training does): the same vector without the padding's compute (docs/EXTRACT.md)
   e.pack = False
   e.remat = ""  # the extraction's model.remat ("": model.remat); its micro-chunks may afford less recompute
+  # the extraction's model.logits_chunk (-1: model's; 0: whole rows' logits at once, no chunk recomputed in the
+  # backward: faster where the micro-chunk's [rows, S, V] float32 logits fit)
+  e.logits_chunk = -1
   e.seed = 0  # of the sketch's hash
   e.stability_sizes = (10, 25, 50, 100, 200)  # m of the calibration-stability curve
   e.stability_draws = 20  # random m-subsets per task and m

@@ -20,4 +20,10 @@ def get_config():
     # and a whole layer's backward at once: 98.9 GiB per v5p-8 chip, over its 95; unrolled 82.1 GiB, compiled in
     # 81 s (docs/TRAINING.md). Scanned, it fits with train.grad_accum=2 (62.9 GiB).
     c.model.scan_layers = False
+    # Extraction: 10 rows per chip per micro-chunk (200 calibration examples: 5 chunks) and whole rows' logits
+    # (no chunk recomputed): 67.81 GiB per chip on v5p-8, 1.08x a forward+backward of the same rows, 7.88 s per
+    # task in the plan; the 0.5B family's 2 rows per chip and chunked logits: 19.44 GiB (1.45x), 8.54 s
+    # (docs/EXTRACT.md, "Cost at scale"). On 8 GPUs of 80 GB: 5 rows each.
+    c.extract.micro_chunk = 40
+    c.extract.logits_chunk = 0
     return c

@@ -51,7 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     e = c.extract
     e.n_calib = 200  # paper: 200 calibration examples per task
-    e.micro_chunk = 4
+    # 4 rows per chip per micro-chunk, remat dots and whole rows' logits: 46.81 GiB per chip on v5p-8, 1.17x a
+    # forward+backward of the same rows (1 row per chip with remat full: 17.88 GiB, 2.42x; docs/EXTRACT.md)
+    e.micro_chunk = 16
+    e.remat = "dots"
+    e.logits_chunk = 0
     e.exclude = ("embed_tokens", "lm_head", "^visual/")  # language model only
     e.keep_example_sketches = False  # a per-example pass over P each; only the stability curve needs them
     e.pack = True  # several examples (and their images) per row: no compute spent on padding (docs/EXTRACT.md)

@@ -32,14 +32,18 @@ def get_config() -> ml_collections.ConfigDict:
     # 8 rows per chip, so remat can save the matmul outputs (dots) instead of recomputing each layer (full).
     # The plan (deviceless, docs/SCALE.md "Qwen2.5-VL-7B on v5p-16"): 74.54 GiB per chip, MFU bound 0.59, 1639
     # TFLOP per chip; splash with remat full, 16 rows: 37.93 GiB, 0.57, 1942 TFLOP; the VL-3B config's XLA
-    # attention and remat full: 57.19 GiB. The extraction step: 24.60 GiB per chip. Splash is TPU-only
+    # attention and remat full: 57.19 GiB. Splash is TPU-only
     # (interpreted, slowly, elsewhere): xla or cudnn on GPUs.
     c.model.attention = "splash"
     c.model.remat = "dots"
     c.train.grad_accum = 2  # the global batch stays 128 rows
-    # Extraction (packed rows, configs/qwen2_5_vl_3b.py): 4 rows per chip per micro-chunk, which the plan found
-    # cheaper per token than 1 (docs/SCALE.md, "The whole extraction").
-    c.extract.micro_chunk = 32
+    # Extraction (packed rows, configs/qwen2_5_vl_3b.py): 8 rows per chip per micro-chunk (a task's 200 examples
+    # of ~600 tokens fill 62 rows: one chunk) and the logits of whole rows at once (no chunk recomputed in the
+    # backward): 86.17 GiB per chip, 2.41 s per task in the plan, the whole extraction 1.9 % of a joint epoch.
+    # 4 rows per chip: 52.83 GiB, 2.63 s (2.0 %); 4 rows with chunked logits: 41.19 GiB, 2.77 s (2.1 %)
+    # (docs/SCALE.md, "The whole extraction").
+    c.extract.micro_chunk = 64
+    c.extract.logits_chunk = 0
     # The run's size for `merit_jax.plan` while the mixture is not at hand: 176 sources, 1.6M examples of
     # ~600 tokens (<= 512 image tokens at data.image_max_pixels plus the text): an estimate, the data's own
     # count replaces it as soon as data.path exists.

@@ -131,7 +131,7 @@ class ExtractOptions:
     seed: int = 0  # of the sketch's hash
     micro_chunk: int = 16  # examples per vmap(grad) step (global, over all data shards)
     keep_example_sketches: bool = True
-    logits_chunk: int = 0  # model.logits_chunk: the loss's logits this many positions at a time (0: at once)
+    logits_chunk: int = 0  # extract.logits_chunk (or model's): logits this many positions at a time (0: all)
     gradients: str = "auto"  # auto | per_example | batched (see `batched`)
     pack: bool = False  # batched path: several examples per row, kept apart by segment ids (see `packed`)
 
@@ -400,8 +400,15 @@ def extract_options(cfg) -> ExtractOptions:
     return ExtractOptions(reduction=e["reduction"], per_example=e["per_example"], dim=int(e["dim"]),
                           stride=int(e["stride"]), seed=int(e.get("seed", cfg.get("seed", 0))),
                           micro_chunk=int(e["micro_chunk"]), keep_example_sketches=bool(e["keep_example_sketches"]),
-                          logits_chunk=int(m.get("logits_chunk", 0)), gradients=e.get("gradients", "auto"),
+                          logits_chunk=extract_logits_chunk(e, m), gradients=e.get("gradients", "auto"),
                           pack=bool(e.get("pack", False)))
+
+
+def extract_logits_chunk(e, m) -> int:
+    """extract.logits_chunk, or model.logits_chunk where it is -1 (or absent): the extraction's own, since its
+    micro-chunks may hold the logits of whole rows, and chunks are rematerialised (a second logits forward)."""
+    own = int(e.get("logits_chunk", -1))
+    return int(m.get("logits_chunk", 0) or 0) if own == -1 else own
 
 
 def extract_settings(cfg) -> ExtractSettings:
@@ -510,6 +517,9 @@ def validate(cfg, stage: str = "all", branch: int | None = None) -> None:
     if e.gradients == "batched" and (e.per_example == "unit" or e.keep_example_sketches):
         errors.append("extract.gradients='batched' gives no per-example gradients: it needs extract.per_example="
                       "mean|tokens and extract.keep_example_sketches=False")
+    if int(e.get("logits_chunk", -1)) < -1:
+        errors.append(f"extract.logits_chunk={e.get('logits_chunk')}: -1 (model.logits_chunk), 0 (all positions "
+                      "at once) or a positive count of positions")
     if e.get("remat", "") not in ("", *REMAT):
         errors.append(f"extract.remat={e.get('remat')!r}: expected '' (model.remat) or one of {REMAT}")
     if e.get("pack", False) and (e.gradients == "per_example" or e.per_example == "unit" or e.keep_example_sketches):

@@ -325,6 +325,14 @@ def test_input_errors():
     cfg.extract.update(remat="some", pack=True)  # and the default keeps per-example sketches
     with pytest.raises(ValueError, match=r"extract.remat='some'.*; extract.pack=True packs the batched path"):
         config.validate(cfg)
+    # extract.logits_chunk: -1 takes model.logits_chunk, 0 whole rows, below -1 is refused by name
+    cfg = get_config()
+    assert config.extract_options(cfg).logits_chunk == cfg.model.logits_chunk > 0
+    cfg.extract.logits_chunk = 0
+    assert config.extract_options(cfg).logits_chunk == 0
+    cfg.extract.logits_chunk = -2
+    with pytest.raises(ValueError, match=r"extract.logits_chunk=-2: -1 \(model.logits_chunk\)"):
+        config.validate(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
