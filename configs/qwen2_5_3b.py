@@ -23,7 +23,8 @@ def get_config():
     # Extraction: 10 rows per chip per micro-chunk (200 calibration examples: 5 chunks) and whole rows' logits
     # (no chunk recomputed): 67.81 GiB per chip on v5p-8, 1.08x a forward+backward of the same rows, 7.88 s per
     # task in the plan; the 0.5B family's 2 rows per chip and chunked logits: 19.44 GiB (1.45x), 8.54 s
-    # (docs/EXTRACT.md, "Cost at scale"). On 8 GPUs of 80 GB: 5 rows each.
+    # (docs/EXTRACT.md, "Cost at scale"). On 8 GPUs of 80 GB: 5 rows each. The per-example path (per_example=unit,
+    # keep_example_sketches, gradients=per_example) holds a gradient per row: use micro_chunk=8 and logits_chunk=-1.
     c.extract.micro_chunk = 40
     c.extract.logits_chunk = 0
     return c

@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     e = c.extract
     e.n_calib = 200  # paper: 200 calibration examples per task
     # 4 rows per chip per micro-chunk, remat dots and whole rows' logits: 46.81 GiB per chip on v5p-8, 1.17x a
-    # forward+backward of the same rows (1 row per chip with remat full: 17.88 GiB, 2.42x; docs/EXTRACT.md)
+    # forward+backward of the same rows (1 row per chip with remat full: 17.88 GiB, 2.42x; docs/EXTRACT.md).
+    # The per-example path (keep_example_sketches, per_example=unit) holds a gradient per row: fewer rows then.
     e.micro_chunk = 16
     e.remat = "dots"
     e.logits_chunk = 0

@@ -41,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     # of ~600 tokens fill 62 rows: one chunk) and the logits of whole rows at once (no chunk recomputed in the
     # backward): 86.17 GiB per chip, 2.41 s per task in the plan, the whole extraction 1.9 % of a joint epoch.
     # 4 rows per chip: 52.83 GiB, 2.63 s (2.0 %); 4 rows with chunked logits: 41.19 GiB, 2.77 s (2.1 %)
-    # (docs/SCALE.md, "The whole extraction").
+    # (docs/SCALE.md, "The whole extraction"). A task whose examples pack into more than 64 rows (longer than
+    # ~620 tokens on average) takes a second chunk: micro_chunk=32 then wastes less. On GPUs of 80 GB (8 rows
+    # each with whole logits will not fit) set micro_chunk to 2-4 rows per GPU.
     c.extract.micro_chunk = 64
     c.extract.logits_chunk = 0
     # The run's size for `merit_jax.plan` while the mixture is not at hand: 176 sources, 1.6M examples of

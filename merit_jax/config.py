@@ -517,7 +517,8 @@ def validate(cfg, stage: str = "all", branch: int | None = None) -> None:
     if e.gradients == "batched" and (e.per_example == "unit" or e.keep_example_sketches):
         errors.append("extract.gradients='batched' gives no per-example gradients: it needs extract.per_example="
                       "mean|tokens and extract.keep_example_sketches=False")
-    if int(e.get("logits_chunk", -1)) < -1:
+    chunk = e.get("logits_chunk", -1)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < -1:
         errors.append(f"extract.logits_chunk={e.get('logits_chunk')}: -1 (model.logits_chunk), 0 (all positions "
                       "at once) or a positive count of positions")
     if e.get("remat", "") not in ("", *REMAT):

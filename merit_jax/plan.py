@@ -33,7 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from merit_jax import hardware  # noqa: E402
 from merit_jax.config import Settings, settings  # noqa: E402
-from merit_jax.plan_programs import PROGRAMS, PlanError  # noqa: E402
+from merit_jax.plan_programs import PACK_FILL, PROGRAMS, PlanError  # noqa: E402
 
 log = logging.getLogger("merit_jax")
 DISK_BYTES_PER_S = 1e9  # merge I/O is reported in seconds at this read/write rate (an assumption)
@@ -189,9 +189,10 @@ def run_size(st: Settings, tokens: int | None, tasks: int | None, workdir=None) 
     if tokens is None or tasks is None:
         raise PlanError("no data at hand to project the run from: pass --tokens N (training tokens of the "
                         "mixture, one epoch) and --tasks T (or set plan.tokens / plan.tasks in the config)")
-    # the training rows are packed first fit (data.packing.plan_rows) as the extraction's are (extract_step):
-    # at the same fill, so that the two sides of "extraction / joint training" count tokens alike
-    from merit_jax.plan_programs import PACK_FILL
+    # the training rows are packed first fit (data.packing.plan_rows), as packed extraction rows are
+    # (plan_programs.extract_step with extract.pack and plan.example_tokens): at the same fill, so that both
+    # sides of "extraction / joint training" count tokens alike. PACK_FILL is the packer's fill on ~600-token
+    # examples in rows of 2048; shorter examples pack tighter (~0.98), so their joint epoch reads a few % long
     per_row = s.batch_size * s.seq_len * PACK_FILL
     joint = math.ceil(tokens * s.epochs / per_row)
     heldout = int(st.data.heldout_max)

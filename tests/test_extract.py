@@ -330,9 +330,15 @@ def test_input_errors():
     assert config.extract_options(cfg).logits_chunk == cfg.model.logits_chunk > 0
     cfg.extract.logits_chunk = 0
     assert config.extract_options(cfg).logits_chunk == 0
-    cfg.extract.logits_chunk = -2
-    with pytest.raises(ValueError, match=r"extract.logits_chunk=-2: -1 \(model.logits_chunk\)"):
-        config.validate(cfg)
+    del cfg.extract["logits_chunk"]  # a config written before the key: the model's
+    cfg.model.logits_chunk = 64
+    assert config.extract_options(cfg).logits_chunk == 64
+    for bad in (-2, "all", 0.5):
+        if "logits_chunk" in cfg.extract:  # a ConfigDict field keeps its first type
+            del cfg.extract["logits_chunk"]
+        cfg.extract.logits_chunk = bad
+        with pytest.raises(ValueError, match=r"extract.logits_chunk=.*: -1 \(model.logits_chunk\)"):
+            config.validate(cfg)
 
 
 # --------------------------------------------------------------------------------------------------

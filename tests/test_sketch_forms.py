@@ -124,5 +124,5 @@ def test_the_tpu_sketch_holds_one_tensor_of_hashes_at_a_time():
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         compiled = jax.jit(lambda f: sk.sketch_vector(f, layout, 4096, 0, "matmul")).trace(flat).lower().compile()
     memory = compiled.memory_analysis()
-    assert memory.temp_size_in_bytes < 0.5 * memory.argument_size_in_bytes, (memory.temp_size_in_bytes,
+    assert memory.temp_size_in_bytes < 0.35 * memory.argument_size_in_bytes, (memory.temp_size_in_bytes,
                                                                               memory.argument_size_in_bytes)
