@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -625,3 +626,17 @@ def test_the_stability_reference_is_disjoint_and_leaves_the_calibration_examples
     calib, reference = {e.i for e in with_ref.calib}, {e.i for e in with_ref.reference}
     assert len(reference) == 300 - 16 - 200 and not calib & reference  # all that is left, none shared
     assert not reference & {e.i for e in with_ref.heldout}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+                                        if p.stem != "__init__"))
+def test_every_shipped_config_gives_valid_extraction_settings(name):
+    """Each config's extract.* builds the typed settings the stage and the plan use (ExtractOptions checks its
+    own combinations), with an integer extract.logits_chunk >= -1 and a micro-chunk of at least one row."""
+    import importlib
+
+    from merit_jax import config
+    cfg = importlib.import_module(f"configs.{name}").get_config()
+    settings = config.extract_settings(cfg)
+    assert settings.options.micro_chunk >= 1 and settings.options.logits_chunk >= 0
+    assert isinstance(cfg.extract.get("logits_chunk", -1), int) and cfg.extract.get("logits_chunk", -1) >= -1
