@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     # 8 rows per chip, so remat can save the matmul outputs (dots) instead of recomputing each layer (full).
     # The plan (deviceless, docs/SCALE.md "Qwen2.5-VL-7B on v5p-16"): 74.54 GiB per chip, MFU bound 0.59, 1639
     # TFLOP per chip; splash with remat full, 16 rows: 37.93 GiB, 0.57, 1942 TFLOP; the VL-3B config's XLA
-    # attention and remat full: 57.19 GiB. Splash is TPU-only
-    # (interpreted, slowly, elsewhere): xla or cudnn on GPUs.
+    # attention and remat full: 57.19 GiB. Splash is TPU-only (interpreted, slowly, elsewhere): xla or cudnn on
+    # GPUs.
     c.model.attention = "splash"
     c.model.remat = "dots"
     c.train.grad_accum = 2  # the global batch stays 128 rows
