@@ -67,15 +67,16 @@ def pad_batch(examples: list[Example], seq_len: int) -> dict[str, np.ndarray]:
     return TokenTable(examples).rows([[i] for i in range(len(examples))], seq_len)
 
 
-def packed_batch(examples: list[Example], seq_len: int) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """The examples packed first fit, in their order, into rows of seq_len (extraction's `extract.pack`):
-    (batch dict + "example_index" int32 [rows, seq_len], the example of each token, -1 on padding; the rows'
-    example indices)."""
+def packed_batch(examples: list[Example], seq_len: int,
+                 rows: list[np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """The examples packed into rows of seq_len (extraction's `extract.pack`): `rows` (example indices per
+    row), by default first fit in their order; (batch dict + "example_index" int32 [rows, seq_len], the
+    example of each token, -1 on padding; the rows)."""
     too_long = [(i, len(e)) for i, e in enumerate(examples) if len(e) > seq_len]
     if too_long:
         raise ValueError(f"examples longer than seq_len={seq_len} (index, length): {too_long[:5]}")
     table = TokenTable(examples)
-    rows = first_fit(table.lengths, seq_len)
+    rows = first_fit(table.lengths, seq_len) if rows is None else rows
     batch = table.rows(rows, seq_len)
     index = np.full(batch["segment_ids"].shape, -1, np.int32)
     for r, row in enumerate(rows):

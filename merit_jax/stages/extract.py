@@ -145,11 +145,9 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
                 cosines[name] = {int(m): np.asarray(v) for m, v in saved["stability"].items()}
             continue
         def task_batch(examples, offset):
-            seq_len = seq_bucket(max(len(ex) for ex in examples))
-            if options.packed:  # several examples per row (the reference never: it takes the per-example path)
-                batch, rows = packed_batch(examples, seq_len)
-            else:
-                batch, rows = pad_batch(examples, seq_len), [[i] for i in range(len(examples))]
+            # several examples per row with extract.pack (the reference never: it takes the per-example path)
+            seq_len, rows = _task_rows(examples, options.packed)
+            batch = packed_batch(examples, seq_len, rows)[0] if options.packed else pad_batch(examples, seq_len)
             if images is not None:  # Qwen2.5-VL: each row with its examples' images
                 batch = images.add(batch, [[first[name] + offset + i for i in row] for row in rows])
             return batch
@@ -202,11 +200,21 @@ def run(cfg, workdir: pathlib.Path, force: bool = False) -> dict[str, Any]:
     return record
 
 
+def _task_rows(examples, packed: bool) -> tuple[int, list]:
+    """(sequence bucket, example indices per row) of a task's examples: first fit into rows of the bucket of
+    its longest example when `packed`, else one example per row. The task's batch and the VL image arrays
+    sized up front both take their rows from here, so they cannot disagree."""
+    from merit_jax.data.packing import first_fit
+
+    lengths = np.array([len(ex) for ex in examples])
+    seq_len = seq_bucket(int(lengths.max()))
+    return seq_len, first_fit(lengths, seq_len) if packed else [[i] for i in range(len(examples))]
+
+
 def _calibration_images(cfg, model, mixture, with_reference: bool = False, packed: bool = False):
     """(RowImages over every task's calibration examples, {task: index of its first}) for a Qwen2.5-VL
     model, sized once for all of their rows (one compilation per sequence bucket; `packed`: the rows
     data.packing.packed_batch makes of each task's examples); (None, {}) for text models."""
-    from merit_jax.data.packing import first_fit
     from merit_jax.data.vision import row_images_for
 
     make = row_images_for(data_settings(cfg), model)
@@ -215,11 +223,7 @@ def _calibration_images(cfg, model, mixture, with_reference: bool = False, packe
     examples, first, rows = [], {}, []
     for name, task in mixture.tasks.items():
         first[name] = len(examples)
-        if packed:
-            lengths = np.array([len(ex) for ex in task.calib])
-            rows += [[first[name] + i for i in row] for row in first_fit(lengths, seq_bucket(int(lengths.max())))]
-        else:
-            rows += [[first[name] + i] for i in range(len(task.calib))]
+        rows += [[first[name] + i for i in row] for row in _task_rows(task.calib, packed)[1]]
         reference = task.reference if with_reference else []
         rows += [[first[name] + len(task.calib) + i] for i in range(len(reference))]
         examples += task.calib + reference
